@@ -1,0 +1,40 @@
+# tar-lightning: every target creates .venv on first use.
+#   make train OBJECTIVE=wkr ARGS="--model.inner_steps 8"
+#   make test
+#   make tensorboard
+
+PYTHON ?= python3
+VENV ?= .venv
+OBJECTIVE ?= wkr
+ARGS ?=
+# The CPU wheel of this release is what the tests run on; on a GPU cluster use the
+# CUDA build of your choice, for example `make train TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: venv train test tensorboard clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+train: venv
+	@if [ ! -f configs/$(OBJECTIVE).yaml ]; then \
+		echo "error: configs/$(OBJECTIVE).yaml not found; OBJECTIVE must name a config in configs/ (available: $$(cd configs && ls *.yaml | sed 's/\.yaml//' | tr '\n' ' '))" >&2; \
+		exit 2; \
+	fi
+	$(BIN)/tar-lightning fit --config configs/$(OBJECTIVE).yaml $(ARGS)
+
+test: venv
+	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+tensorboard: venv
+	$(BIN)/tensorboard --logdir checkpoints
+
+clean:
+	rm -rf $(VENV) *.egg-info

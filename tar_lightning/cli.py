@@ -1,0 +1,102 @@
+"""Command line: ``tar-lightning fit --config configs/wkr.yaml [--model.inner_steps 8 ...]``.
+
+``fit`` runs the whole job: it builds the world, pretrains the base model and applies the
+initial safeguard before Lightning's fit (tamper-resistance training), then exports the TAR
+model and writes the evaluation report after it. Configs are parsed in ``omegaconf+`` mode,
+so ``${pipeline.run_dir}``-style interpolations are resolved after command-line overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from tar_lightning import pipeline
+from tar_lightning.data.datamodule import TARDataModule
+from tar_lightning.models import is_saved_model, save_model
+from tar_lightning.module import TARModule
+from tar_lightning.pipeline import PipelineConfig
+
+log = logging.getLogger("tar_lightning")
+
+
+class TARLightningCLI(LightningCLI):
+    """LightningCLI with the pipeline stages around ``fit``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Only fit: the module has no validation, test or predict step.
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(PipelineConfig, "pipeline", fail_untyped=True)
+
+    def _pipeline(self) -> PipelineConfig:
+        config = self.config_init[self.subcommand]["pipeline"] if self.subcommand else self.config_init["pipeline"]
+        return config
+
+    def _validate(self, config: PipelineConfig) -> None:
+        problems = config.validate()
+        problems += self.model.validate_arguments(set(self.datamodule.adversary_sources))
+        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
+            problems.append(f"trainer.max_steps must be a positive number of outer steps, got {self.trainer.max_steps}")
+        if problems:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def before_fit(self) -> None:
+        config = self._pipeline()
+        self._validate(config)
+        run_dir = Path(config.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(run_dir / "config.yaml"), overwrite=True, multifile=False)
+        pipeline.build_world(config)
+        pipeline.pretrain_base(config)
+        pipeline.apply_safeguard(config)
+        # The subcommand's keyword arguments are read from config_init after this hook.
+        subcommand_config = self.config_init[self.subcommand]
+        if config.resume and subcommand_config.get("ckpt_path") is None:
+            subcommand_config["ckpt_path"] = "last"
+        log.info("tar: training for %d outer steps", self.trainer.max_steps)
+
+    def after_fit(self) -> None:
+        config = self._pipeline()
+        out = config.paths["tar"]
+        if self.trainer.global_step < self.trainer.max_steps:
+            log.warning("tar: stopped at outer step %d of %d; not exporting or evaluating", self.trainer.global_step, self.trainer.max_steps)
+            return
+        if not is_saved_model(out):
+            # on_train_end switched schedule-free AdamW to its averaged (eval-mode) weights.
+            save_model(self.model.model, self.datamodule.tokenizer, out)
+            log.info("tar: exported %s", out)
+        pipeline.evaluate(config)
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> TARLightningCLI:
+    """Parse ``args`` (``sys.argv`` when ``None``) and, when ``run`` is set, run the subcommand."""
+    # Weight loading bars of transformers would print once per attack; our stages have their own.
+    transformers.utils.logging.disable_progress_bar()
+    # Let configs write ${pipeline.run_dir} although their keys sit under the "fit" subcommand.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return TARLightningCLI(
+        TARModule,
+        TARDataModule,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point of ``tar-lightning``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    make_cli(args)
+
+
+if __name__ == "__main__":
+    main()

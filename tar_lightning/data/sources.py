@@ -1,0 +1,133 @@
+"""Load text and multiple-choice datasets by local path or hub name, and tokenize them.
+
+A local JSONL, JSON, CSV or Parquet file, a folder of such files, or a hub dataset name all
+go through ``datasets.load_dataset``, so the built-in world and real data share one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class TextSource:
+    """A text dataset.
+
+    Args:
+        path: Local file or folder (JSONL, JSON, CSV, Parquet) or a hub dataset name.
+        column: Column that holds the text.
+        split: Split to read; local files have the single split ``train``.
+        subset: Hub configuration name, if the dataset has several.
+        max_rows: Read at most this many rows (all when ``None``).
+    """
+
+    path: str
+    column: str = "text"
+    split: str = "train"
+    subset: str | None = None
+    max_rows: int | None = None
+
+
+@dataclass
+class QuestionSource:
+    """A multiple-choice dataset with one row per question.
+
+    Args:
+        path: Local file or folder, or a hub dataset name.
+        question_column: Column with the prompt; options are scored as its continuations.
+        choices_column: Column with the list of answer options.
+        answer_column: Column with the index of the correct option.
+        split: Split to read.
+        subset: Hub configuration name, if the dataset has several.
+        max_rows: Read at most this many rows (all when ``None``).
+    """
+
+    path: str
+    question_column: str = "question"
+    choices_column: str = "choices"
+    answer_column: str = "answer"
+    split: str = "train"
+    subset: str | None = None
+    max_rows: int | None = None
+
+
+def load_table(path: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
+    """Load one split of a local file, a local folder or a hub dataset."""
+    local = Path(path)
+    if local.is_file():
+        builder = _BUILDERS.get(local.suffix)
+        if builder is None:
+            raise ValueError(f"unsupported data file {path!r}: use one of {sorted(_BUILDERS)}")
+        return datasets.load_dataset(builder, data_files=str(local), split="train")
+    if local.is_dir():
+        return datasets.load_dataset(str(local), split=split)
+    if path.startswith((".", "/")) or path.endswith(tuple(_BUILDERS)):
+        raise FileNotFoundError(f"data file {path!r} not found; check the path or run the stage that writes it")
+    return datasets.load_dataset(path, subset, split=split)
+
+
+def _checked(table: datasets.Dataset, path: str, columns: list[str], max_rows: int | None) -> datasets.Dataset:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset {path!r} has no column {missing[0]!r} (columns: {table.column_names}); "
+            "set the source's column option to the right name"
+        )
+    if max_rows is not None:
+        table = table.select(range(min(max_rows, len(table))))
+    if len(table) == 0:
+        raise ValueError(f"dataset {path!r} is empty; point the source at a file with at least one row")
+    return table
+
+
+def load_texts(source: TextSource) -> list[str]:
+    """Return the text column of ``source``; raise ``ValueError`` if it is missing or empty."""
+    table = _checked(load_table(source.path, source.split, source.subset), source.path, [source.column], source.max_rows)
+    return [str(text) for text in table[source.column]]
+
+
+def load_questions(source: QuestionSource) -> list[dict]:
+    """Return rows with keys ``question``, ``choices`` and ``answer``; raise ``ValueError`` on bad rows."""
+    columns = [source.question_column, source.choices_column, source.answer_column]
+    table = _checked(load_table(source.path, source.split, source.subset), source.path, columns, source.max_rows)
+    rows = []
+    for i, row in enumerate(table):
+        choices = list(row[source.choices_column])
+        answer = int(row[source.answer_column])
+        if not 0 <= answer < len(choices):
+            raise ValueError(f"dataset {source.path!r} row {i}: answer {answer} is not an index into {len(choices)} choices")
+        rows.append({"question": str(row[source.question_column]), "choices": [str(c) for c in choices], "answer": answer})
+    return rows
+
+
+class TokenPool:
+    """Tokenized texts kept as one padded tensor, sampled in random batches.
+
+    Sampling is an index into a tensor, so drawing the K adversary batches of an outer step
+    costs nothing next to the forward passes.
+    """
+
+    def __init__(self, texts: list[str], tokenizer, max_length: int):
+        if not texts:
+            raise ValueError("cannot build a token pool from an empty list of texts")
+        encoded = tokenizer(
+            texts, truncation=True, max_length=max_length, padding="longest", padding_side="right", return_tensors="pt"
+        )
+        self.input_ids = encoded["input_ids"]
+        self.attention_mask = encoded["attention_mask"]
+        self.lengths = self.attention_mask.sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw ``batch_size`` rows with replacement, trimmed to the longest row drawn."""
+        index = torch.randint(len(self), (batch_size,), generator=generator)
+        width = int(self.lengths[index].max())
+        return {"input_ids": self.input_ids[index, :width], "attention_mask": self.attention_mask[index, :width]}

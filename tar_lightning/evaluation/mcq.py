@@ -1,0 +1,84 @@
+"""Multiple-choice accuracy by comparing the log-likelihood of each option.
+
+Each option is scored as a continuation of the question: the question and ``" " + option`` are
+tokenized together, exactly as running text is, and the option's score is the summed
+log-probability of the tokens after the question's own tokens. Sequences are padded on the
+right, so under the causal mask no real position sees padding and the scores do not depend
+on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+
+@dataclass
+class Accuracy:
+    """Accuracy over ``count`` questions with its binomial standard error."""
+
+    value: float
+    stderr: float
+    count: int
+
+
+def _continuation_ids(tokenizer, question: str, choice: str) -> tuple[list[int], int]:
+    """Return the token ids of question + option, and where the option's tokens start."""
+    prompt = tokenizer(question)["input_ids"]
+    full = tokenizer(question + " " + choice)["input_ids"]
+    start = 0
+    while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
+        start += 1
+    if start == len(full):
+        raise ValueError(f"option {choice!r} adds no tokens to question {question!r}")
+    return full, max(start, 1)
+
+
+@torch.no_grad()
+def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: int = 256) -> torch.Tensor:
+    """Return a (questions, max options) tensor of option log-likelihoods, ``-inf`` where absent."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    sequences, owners = [], []
+    for qi, row in enumerate(questions):
+        for ci, choice in enumerate(row["choices"]):
+            sequences.append(_continuation_ids(tokenizer, row["question"], choice))
+            owners.append((qi, ci))
+    width = max(len(row["choices"]) for row in questions)
+    scores = torch.full((len(questions), width), float("-inf"))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    for begin in range(0, len(sequences), batch_size):
+        chunk = sequences[begin : begin + batch_size]
+        length = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for i, (ids, _) in enumerate(chunk):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+        for i, (ids, start) in enumerate(chunk):
+            targets = torch.tensor(ids[start:], device=device)
+            # Position t predicts token t + 1; only the option's positions are normalised.
+            log_probs = torch.log_softmax(logits[i, start - 1 : len(ids) - 1].float(), dim=-1)
+            picked = log_probs.gather(-1, targets[:, None])
+            qi, ci = owners[begin + i]
+            scores[qi, ci] = picked.sum()
+    model.train(was_training)
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 256) -> Accuracy:
+    """Fraction of ``questions`` whose highest-likelihood option is the answer."""
+    if not questions:
+        raise ValueError("no questions to score")
+    scores = choice_log_likelihoods(model, tokenizer, questions, batch_size)
+    answers = torch.tensor([row["answer"] for row in questions])
+    metric = MulticlassAccuracy(num_classes=scores.shape[1], average="micro")
+    value = float(metric(scores.argmax(dim=1), answers))
+    return Accuracy(value, math.sqrt(value * (1.0 - value) / len(questions)), len(questions))

@@ -1,0 +1,82 @@
+"""Losses of tamper-resistance training. Pure tensor functions, no Lightning.
+
+Shapes: ``logits`` is (batch, seq, vocab), ``input_ids`` and ``attention_mask`` are
+(batch, seq), hidden states are tuples of (batch, seq, hidden), one per layer with the
+embedding output first. Position t of the logits predicts token t + 1, so every loss over
+predictions uses the mask of the *target* tokens, ``attention_mask[:, 1:]``: padding never
+counts, unlike a plain mean over all positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each real next token."""
+    targets = input_ids[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return _masked_mean(losses.view_as(targets), attention_mask[:, 1:])
+
+
+def masked_entropy(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the next-token distribution at positions that predict a real token."""
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return _masked_mean(entropy, attention_mask[:, 1:])
+
+
+def negative_entropy_loss(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Tamper-resistance loss for knowledge restriction: minimising it maximises entropy.
+
+    Its minimum is ``-ln(vocab size)``, reached by the uniform distribution.
+    """
+    return -masked_entropy(logits, attention_mask)
+
+
+def representation_distance(
+    hidden_states: tuple[torch.Tensor, ...],
+    base_hidden_states: tuple[torch.Tensor, ...],
+    attention_mask: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mean over layers and real tokens of ``||h - h_base|| / ||h_base||``.
+
+    The paper "Tamper-Resistant Safeguards for Open-Weight LLMs" uses the plain L2 distance.
+    A small Llama's residual stream reaches norms in the thousands, so that distance (and its
+    gradient) drowns every other term; dividing by the base model's norm keeps the term near 1
+    whatever the scale. The first position is skipped because the hidden state of the
+    beginning-of-sequence token is huge and carries no content.
+    """
+    mask = attention_mask[:, 1:]
+    per_layer = []
+    for h, h_base in zip(hidden_states, base_hidden_states, strict=True):
+        h, h_base = h[:, 1:].float(), h_base[:, 1:].float()
+        relative = (h - h_base).norm(dim=-1) / h_base.norm(dim=-1).clamp_min(eps)
+        per_layer.append(_masked_mean(relative, mask))
+    return torch.stack(per_layer).mean()
+
+
+def random_mapping_loss(
+    hidden_states: tuple[torch.Tensor, ...],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    table: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over layers and real tokens of ``1 - |cos(h, R[token])|``.
+
+    ``table`` is the fixed Gaussian matrix R of shape (vocab, hidden). Minimising this pushes
+    every hidden state of forget text toward a random direction chosen by its token.
+    """
+    targets = table[input_ids].float()
+    per_layer = []
+    for h in hidden_states:
+        cosine = F.cosine_similarity(h.float(), targets, dim=-1)
+        per_layer.append(_masked_mean(1.0 - cosine.abs(), attention_mask))
+    return torch.stack(per_layer).mean()

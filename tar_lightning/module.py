@@ -1,0 +1,288 @@
+"""Tamper-resistance training (TAR) as a LightningModule with manual optimization.
+
+One training step is one outer step of "Tamper-Resistant Safeguards for Open-Weight LLMs".
+It samples an adversary and attacks a functional copy of the weights for K inner steps while
+taking the tamper-resistance gradient. It then takes the retain loss on the weights
+themselves and updates them with schedule-free AdamW. ``trainer.global_step`` counts outer
+steps.
+
+Not supported yet: sharded strategies (FSDP, DeepSpeed), because the inner loop copies the
+full parameter dict; exact meta-gradients; LoRA adversaries.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import schedulefree
+import torch
+
+from tar_lightning.adversaries import AdversaryConfig, SampledAdversary, default_adversaries, sample_adversary
+from tar_lightning.evaluation.mcq import multiple_choice_accuracy
+from tar_lightning.inner_loop import (
+    InnerLoopResult,
+    InnerOptimizer,
+    copy_params,
+    functional_forward,
+    run_inner_loop,
+    tr_step_weights,
+)
+from tar_lightning.losses import negative_entropy_loss, next_token_loss, representation_distance
+from tar_lightning.models import load_causal_lm
+
+
+def _entropy_tr_loss(model, params, batch) -> torch.Tensor:
+    return negative_entropy_loss(functional_forward(model, params, batch).logits, batch["attention_mask"])
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+
+
+class TARModule(L.LightningModule):
+    """Tamper-resistance training of a causal LM that already carries an initial safeguard.
+
+    Args:
+        model_path: Directory or hub name of the safeguarded model that training starts from.
+        base_model_path: Directory or hub name of the original model before the safeguard;
+            frozen, it anchors the representation term of the retain loss.
+        adversaries: The training adversary distribution; the authors' mix of forget corpus A,
+            forget corpus B and retain-then-forget when omitted.
+        inner_steps: K, simulated attack steps per outer step.
+        tr_every: Take the tamper-resistance loss after every ``tr_every``-th inner step.
+        step_weighting: ``uniform`` averages the tamper-resistance losses over the steps where
+            they are taken; ``exponential`` weighs step k by exp(0.0625 (k - (K - 1))).
+        tr_weight: lambda_TR, weight of the tamper-resistance gradient.
+        retain_weight: lambda_retain, weight of the retain loss.
+        representation_weight: Weight of the representation term inside the retain loss.
+        tr_loss_floor: Skip a tamper-resistance gradient whose loss is already at -ln(vocab),
+            the maximal entropy.
+        learning_rate: Outer learning rate (schedule-free AdamW).
+        warmup_steps: Outer warmup steps of schedule-free AdamW.
+        weight_decay: Outer weight decay.
+        grad_clip: Clip the combined outer gradient to this global norm; ``None`` disables it.
+        inner_eps: Epsilon of the inner Adam-type optimizers.
+        eval_every_n_steps: Score the datamodule's evaluation questions every this many outer
+            steps (0 disables).
+        seed: Seed of adversary sampling.
+        attn_implementation: Attention kernel passed to ``from_pretrained``.
+
+    Raises:
+        ValueError: If any argument is out of range; the message lists every problem.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        base_model_path: str,
+        adversaries: list[AdversaryConfig] | None = None,
+        inner_steps: int = 16,
+        tr_every: int = 4,
+        step_weighting: Literal["uniform", "exponential"] = "uniform",
+        tr_weight: float = 4.0,
+        retain_weight: float = 1.0,
+        representation_weight: float = 1.0,
+        tr_loss_floor: bool = False,
+        learning_rate: float = 3e-4,
+        warmup_steps: int = 32,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        inner_eps: float = 1e-8,
+        eval_every_n_steps: int = 0,
+        seed: int = 0,
+        attn_implementation: str = "sdpa",
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.adversaries = list(adversaries) if adversaries else default_adversaries()
+        # Plain dicts, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["adversaries"])
+        self.hparams["adversaries"] = [asdict(a) for a in self.adversaries]
+        problems = self.validate_arguments()
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        self.tr_weights = tr_step_weights(inner_steps, tr_every, step_weighting)
+        self.rng = np.random.default_rng(seed)
+        self.batch_generator = torch.Generator().manual_seed(seed)
+        self.model = None
+        self._frozen: list[torch.nn.Module] = []
+
+    def validate_arguments(self, sources: set[str] | None = None) -> list[str]:
+        """Return every problem of the arguments, each naming its dotted key."""
+        hp = self.hparams
+        problems = []
+        if hp.inner_steps < 1:
+            problems.append(f"model.inner_steps must be at least 1, got {hp.inner_steps}")
+        if not 1 <= hp.tr_every <= max(hp.inner_steps, 1):
+            problems.append(f"model.tr_every must be in [1, inner_steps={hp.inner_steps}], got {hp.tr_every}")
+        for key in ("tr_weight", "retain_weight", "representation_weight", "weight_decay"):
+            if hp[key] < 0:
+                problems.append(f"model.{key} must not be negative, got {hp[key]}")
+        if not hp.learning_rate > 0:
+            problems.append(f"model.learning_rate must be positive, got {hp.learning_rate}")
+        if hp.grad_clip is not None and not hp.grad_clip > 0:
+            problems.append(f"model.grad_clip must be positive or null, got {hp.grad_clip}")
+        for i, adversary in enumerate(self.adversaries):
+            problems += adversary.validate(f"model.adversaries[{i}]", sources)
+        return problems
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self._frozen[0]
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.hparams.model_path, self.hparams.attn_implementation)
+        base = load_causal_lm(self.hparams.base_model_path, self.hparams.attn_implementation)
+        # A plain list keeps the frozen base model out of state_dict() and checkpoints.
+        self._frozen = [base.eval().requires_grad_(False)]
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        pools = getattr(datamodule, "adversary_pools", None)
+        if pools is None:
+            raise RuntimeError("TARModule needs a datamodule with adversary_pools, such as TARDataModule")
+        problems = self.validate_arguments(set(pools))
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+
+    def configure_optimizers(self):
+        return schedulefree.AdamWScheduleFree(
+            self.model.parameters(),
+            lr=self.hparams.learning_rate,
+            warmup_steps=self.hparams.warmup_steps,
+            weight_decay=self.hparams.weight_decay,
+        )
+
+    # Schedule-free AdamW keeps two weight sequences. Training must see the one in train
+    # mode; evaluation, export and checkpoints must see the averaged one in eval mode.
+    def _schedule_free(self):
+        return self.optimizers().optimizer
+
+    def on_fit_start(self) -> None:
+        self.base_model.to(self.device)
+
+    def on_train_start(self) -> None:
+        self._schedule_free().train()
+
+    def on_train_end(self) -> None:
+        self._schedule_free().eval()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
+        inner = self._tamper_resistance_gradient(adversary, batch["tr"])
+        retain = self._retain_loss(batch["retain"])
+        norms = self._outer_step(retain["loss"], inner.tr_grads)
+        metrics = {
+            "train/retain_loss": retain["loss"].detach(),
+            "train/lm_loss": retain["lm"],
+            "train/representation_loss": retain["representation"],
+            "train/tr_loss": float(np.mean(inner.tr_losses)),
+            "train/tr_loss_last": inner.tr_losses[-1],
+            "train/tr_gradients_used": float(inner.tr_used),
+            "inner/adversary_loss_first": inner.adversary_losses[0],
+            "inner/adversary_loss_last": inner.adversary_losses[-1],
+            "inner/adversary_lr": adversary.learning_rate,
+            "inner/adversary_index": float(adversary.index),
+            "inner/switch_step": float(adversary.switch_step),
+            **norms,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log_dict(
+            {"tr": metrics["train/tr_loss"], "retain": metrics["train/retain_loss"]}, prog_bar=True, logger=False
+        )
+
+    def _tamper_resistance_gradient(self, adversary: SampledAdversary, tr_batch: dict) -> InnerLoopResult:
+        """Attack a functional copy of the weights for K steps; return the weighted TR gradient."""
+        pools = self.trainer.datamodule.adversary_pools
+        steps = range(self.hparams.inner_steps)
+        batches = [
+            {k: v.to(self.device) for k, v in pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator).items()}
+            for k in steps
+        ]
+        floor = -math.log(self.model.config.vocab_size) if self.hparams.tr_loss_floor else None
+        return run_inner_loop(
+            self.model,
+            copy_params(self.model),
+            batches,
+            [adversary.learning_rate_at(k) for k in steps],
+            InnerOptimizer(adversary.config.optimizer, eps=self.hparams.inner_eps),
+            tr_batch,
+            _entropy_tr_loss,
+            self.tr_weights,
+            floor,
+        )
+
+    def _retain_loss(self, batch: dict) -> dict:
+        """Next-token loss plus the representation distance to the frozen base model."""
+        outputs = self.model(**batch, output_hidden_states=True, use_cache=False)
+        with torch.no_grad():
+            base_hidden = self.base_model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+        lm = next_token_loss(outputs.logits, batch["input_ids"], batch["attention_mask"])
+        representation = representation_distance(outputs.hidden_states, base_hidden, batch["attention_mask"])
+        loss = lm + self.hparams.representation_weight * representation
+        return {"loss": loss, "lm": lm.detach(), "representation": representation.detach()}
+
+    def _outer_step(self, retain_loss: torch.Tensor, tr_grads: list[torch.Tensor]) -> dict[str, float]:
+        """Update the weights with lambda_retain * grad(L_retain) + lambda_TR * g_TR.
+
+        The TR gradient enters through the surrogate sum_p <p, g_TR_p>, whose gradient is
+        exactly g_TR. Going through ``manual_backward`` this way, instead of writing into
+        ``.grad``, lets a data-parallel strategy average both parts across processes.
+        """
+        optimizer = self.optimizers()
+        params = list(self.model.parameters())
+        scaled = torch._foreach_mul(tr_grads, self.hparams.tr_weight)
+        surrogate = sum((p * g).sum() for p, g in zip(params, scaled))
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(self.hparams.retain_weight * retain_loss + surrogate)
+        grads = [p.grad for p in params]
+        norms = {
+            "grad/tr_norm": _total_norm(scaled),
+            "grad/retain_norm": _total_norm(torch._foreach_sub(grads, scaled)),
+            "grad/total_norm": _total_norm(grads),
+        }
+        if self.hparams.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return norms
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.hparams.eval_every_n_steps
+        if every > 0 and self.global_step % every == 0:
+            self.log_dict(self.evaluate_questions(), on_step=True, on_epoch=False)
+
+    def evaluate_questions(self) -> dict[str, float]:
+        """Accuracy on the datamodule's evaluation questions, with the eval-mode weights."""
+        datamodule = self.trainer.datamodule
+        optimizer = self._schedule_free()
+        optimizer.eval()
+        try:
+            return {
+                f"eval/{name}_acc": multiple_choice_accuracy(self.model, datamodule.tokenizer, rows).value
+                for name, rows in datamodule.eval_questions.items()
+            }
+        finally:
+            optimizer.train()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store eval-mode weights and the sampling state, so a checkpoint both evaluates and resumes."""
+        optimizer = self._schedule_free()
+        if optimizer.param_groups[0]["train_mode"]:
+            optimizer.eval()
+            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            checkpoint["optimizer_states"] = [copy.deepcopy(optimizer.state_dict())]
+            optimizer.train()
+        checkpoint["tar_sampling"] = {"rng": self.rng.bit_generator.state, "batches": self.batch_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("tar_sampling")
+        if state is not None:
+            self.rng.bit_generator.state = state["rng"]
+            self.batch_generator.set_state(state["batches"])

@@ -1,0 +1,65 @@
+"""The real command line on the tiny preset: every stage, the report, and stage skipping."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = [sys.executable, "-m", "tar_lightning.cli", "fit", "--config", "configs/wkr.yaml", "--config", "configs/tiny.yaml"]
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [*COMMAND, "--pipeline.run_dir", str(run_dir), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    first = _run(run_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("base", "safeguard", "tar"):
+        assert (run_dir / stage / "config.json").is_file()
+        assert (run_dir / stage / "model.safetensors").is_file()
+    assert (run_dir / "lightning" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run_dir / "report.md").is_file()
+    assert (run_dir / "report.png").is_file()
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["objective"] == "wkr"
+    assert report["chance"] == 0.25
+    assert set(report["models"]) == {"base", "safeguard", "tar"}
+    for entry in report["models"].values():
+        assert 0.0 <= entry["forget_acc"] <= 1.0
+        assert set(entry["post_attack"]) == {"adamw_short", "sgd_retain_then_forget"}
+        for post in entry["post_attack"].values():
+            assert post["seeds"] == 2
+            assert len(post["per_seed"]) == 2
+            assert {"forget_acc", "forget_acc_se", "retain_acc", "adversary_acc", "final_loss"} <= set(post)
+
+    second = _run(run_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("world", "base model", "safeguard"):
+        assert f"{stage}: " in second.stderr and "exists, skipping" in second.stderr
+
+
+@pytest.mark.slow
+def test_bad_override_fails_before_any_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run(run_dir, "--model.tr_every", "99")
+    assert result.returncode != 0
+    assert "model.tr_every" in result.stderr
+    assert not (run_dir / "world").exists()

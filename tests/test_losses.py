@@ -1,0 +1,156 @@
+"""Tests of the tamper-resistance losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from tar_lightning.losses import (
+    masked_entropy,
+    negative_entropy_loss,
+    next_token_loss,
+    random_mapping_loss,
+    representation_distance,
+)
+
+# Two rows of three tokens, the second padded at its last position.
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+def logits_from_probs(rows):
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+def entropy(probs):
+    return -sum(p * math.log(p) for p in probs)
+
+
+def test_masked_entropy_hand_value():
+    uniform = [0.25, 0.25, 0.25, 0.25]
+    skewed = [0.5, 0.25, 0.125, 0.125]
+    peaked = [0.7, 0.1, 0.1, 0.1]
+    sharp = [0.97, 0.01, 0.01, 0.01]
+    # Position t predicts token t + 1: the last position of every row predicts nothing, and
+    # position 1 of row 1 predicts a padding token, so only three positions count.
+    logits = torch.stack(
+        [
+            logits_from_probs([skewed, uniform, sharp]),
+            logits_from_probs([peaked, uniform, uniform]),
+        ]
+    )
+
+    expected = (1.75 * math.log(2) + 2 * math.log(2) + entropy(peaked)) / 3
+    assert masked_entropy(logits, MASK).item() == pytest.approx(expected, rel=1e-6)
+    assert negative_entropy_loss(logits, MASK).item() == pytest.approx(-expected, rel=1e-6)
+
+
+def test_masked_entropy_ignores_padding():
+    logits = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    changed = logits.clone()
+    changed[1, 1] = torch.tensor([9.0, -9.0, 0.0, 3.0])
+    changed[:, 2] = torch.tensor([5.0, 0.0, 0.0, 0.0])
+
+    assert masked_entropy(changed, MASK).item() == pytest.approx(masked_entropy(logits, MASK).item(), rel=1e-6)
+
+
+def test_negative_entropy_minimum_is_uniform():
+    logits = torch.zeros(2, 3, 7)
+
+    assert negative_entropy_loss(logits, MASK).item() == pytest.approx(-math.log(7), rel=1e-6)
+
+
+def test_next_token_loss_hand_value():
+    input_ids = torch.tensor([[0, 1, 2], [0, 1, 3]])
+    # Probability each counted position gives its target: row 0 predicts 1 then 2, row 1
+    # predicts 1. Row 1 position 1 would predict the padded token 3 with probability 0.01.
+    logits = torch.stack(
+        [
+            logits_from_probs([[0.1, 0.5, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]),
+            logits_from_probs([[0.1, 0.8, 0.05, 0.05], [0.33, 0.33, 0.33, 0.01], [0.25, 0.25, 0.25, 0.25]]),
+        ]
+    )
+
+    expected = -(math.log(0.5) + math.log(0.25) + math.log(0.8)) / 3
+    assert next_token_loss(logits, input_ids, MASK).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_next_token_loss_ignores_padded_targets():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=generator)
+    input_ids = torch.tensor([[0, 1, 2], [0, 3, 4]])
+    loss = next_token_loss(logits, input_ids, MASK).item()
+
+    changed_ids = input_ids.clone()
+    changed_ids[1, 2] = 0
+    changed_logits = logits.clone()
+    changed_logits[1, 1] = torch.randn(5, generator=generator) * 10
+
+    assert next_token_loss(changed_logits, changed_ids, MASK).item() == pytest.approx(loss, rel=1e-6)
+
+
+def test_next_token_loss_counts_real_targets():
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    input_ids = torch.tensor([[0, 1, 2], [0, 3, 4]])
+    changed_ids = input_ids.clone()
+    changed_ids[1, 1] = 2
+
+    assert next_token_loss(logits, changed_ids, MASK).item() != pytest.approx(next_token_loss(logits, input_ids, MASK).item())
+
+
+def test_representation_distance_identical_is_zero():
+    states = tuple(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+    assert representation_distance(states, states, MASK).item() == 0.0
+
+
+def hidden_with_offsets(offsets):
+    """Hidden states (2, 3, 2) equal to [3, 4] (norm 5) plus offsets[row][pos] * [1, 0]."""
+    base = torch.tensor([3.0, 4.0]).expand(2, 3, 2)
+    return base + torch.tensor(offsets)[..., None] * torch.tensor([1.0, 0.0])
+
+
+def test_representation_distance_hand_value():
+    base = torch.tensor([3.0, 4.0]).expand(2, 3, 2).clone()
+    # Position 0 and the padded position 2 of row 1 get offsets of 100, which would dominate
+    # the mean if they counted. The relative distance of a counted position is |offset| / 5.
+    layer_0 = hidden_with_offsets([[100.0, 3.0, 5.0], [100.0, 1.0, 100.0]])
+    layer_1 = hidden_with_offsets([[100.0, 10.0, -10.0], [100.0, 10.0, 100.0]])
+
+    distance = representation_distance((layer_0, layer_1), (base, base), MASK)
+
+    layer_0_mean = (3 / 5 + 5 / 5 + 1 / 5) / 3
+    layer_1_mean = 10 / 5
+    assert distance.item() == pytest.approx((layer_0_mean + layer_1_mean) / 2, rel=1e-6)
+
+
+def test_representation_distance_layer_count_mismatch_raises():
+    states = (torch.ones(2, 3, 2), torch.ones(2, 3, 2))
+
+    with pytest.raises(ValueError):
+        representation_distance(states, states[:1], MASK)
+
+
+def test_random_mapping_loss_hand_value():
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    input_ids = torch.tensor([[1, 2, 0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # Layer 0: [1, 1] against R[1] = [0, 1] has cos 1/sqrt(2); [-1, -1] against R[2] has
+    # cos -1, so |cos| = 1. Position 2 is padding; its cos with R[0] is 0.
+    layer_0 = torch.tensor([[[1.0, 1.0], [-1.0, -1.0], [0.0, 1.0]]])
+    # Layer 1: [1, 0] against R[1] has cos 0, and [2, 0] against R[2] has cos 1/sqrt(2).
+    layer_1 = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]])
+
+    loss = random_mapping_loss((layer_0, layer_1), input_ids, mask, table)
+
+    root_half = 1 / math.sqrt(2)
+    layer_0_mean = ((1 - root_half) + 0.0) / 2
+    layer_1_mean = (1.0 + (1 - root_half)) / 2
+    assert loss.item() == pytest.approx((layer_0_mean + layer_1_mean) / 2, rel=1e-6)
+
+
+def test_random_mapping_loss_aligned_is_zero():
+    table = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    input_ids = torch.tensor([[0, 3, 4], [2, 1, 0]])
+    hidden = 2.5 * table[input_ids]
+
+    assert random_mapping_loss((hidden, -hidden), input_ids, MASK, table).item() == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,145 @@
+"""TARModule on a tiny Trainer: outer steps, logged keys, checkpoints and resume."""
+
+import lightning as L
+import pytest
+import torch
+
+from tar_lightning.adversaries import AdversaryConfig
+from tar_lightning.data.datamodule import TARDataModule
+from tar_lightning.data.sources import QuestionSource, TextSource
+from tar_lightning.data.world import WORLD_FILES, WorldConfig, generate_world
+from tar_lightning.models import LlamaSize, build_llama, load_causal_lm, load_tokenizer, save_model
+from tar_lightning.module import TARModule
+
+SIZE = LlamaSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tar")
+    generate_world(WorldConfig(eval_organisms=3, adversary_organisms=3, tamper_resistance_organisms=3, eval_cities=3, extra_cities=1), root / "world")
+    tokenizer = load_tokenizer(root / "world" / "tokenizer")
+    save_model(build_llama(SIZE, tokenizer, seed=0), tokenizer, root / "base")
+    save_model(build_llama(SIZE, tokenizer, seed=1), tokenizer, root / "safeguard")
+    return root
+
+
+def _datamodule(root) -> TARDataModule:
+    world = root / "world"
+    return TARDataModule(
+        tokenizer=str(root / "safeguard"),
+        retain=TextSource(str(world / WORLD_FILES["retain"])),
+        tamper_resistance=TextSource(str(world / WORLD_FILES["tamper_resistance"])),
+        adversary={
+            "forget_a": TextSource(str(world / WORLD_FILES["adversary_forget_a"])),
+            "retain": TextSource(str(world / WORLD_FILES["adversary_retain"])),
+        },
+        eval_questions={"forget": QuestionSource(str(world / WORLD_FILES["forget_eval"]))},
+        max_length=24,
+        retain_batch_size=4,
+        tr_batch_size=4,
+    )
+
+
+def _module(root, **overrides) -> TARModule:
+    arguments = dict(
+        model_path=str(root / "safeguard"),
+        base_model_path=str(root / "base"),
+        adversaries=[
+            AdversaryConfig(name="a", forget_source="forget_a", batch_size=4),
+            AdversaryConfig(name="rtf", forget_source="forget_a", retain_then_forget=True, batch_size=4),
+        ],
+        inner_steps=4,
+        tr_every=2,
+        warmup_steps=1,
+        eval_every_n_steps=2,
+    )
+    arguments.update(overrides)
+    return TARModule(**arguments)
+
+
+def _trainer(root, max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        **kwargs,
+    )
+
+
+class _Recorder(L.Callback):
+    def __init__(self):
+        self.keys: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.keys |= set(trainer.callback_metrics)
+
+
+def test_global_step_counts_outer_steps(world):
+    recorder = _Recorder()
+    trainer = _trainer(world, max_steps=3, callbacks=[recorder], enable_checkpointing=False)
+    module = _module(world)
+    trainer.fit(module, datamodule=_datamodule(world))
+    assert trainer.global_step == 3
+    expected = {
+        "train/retain_loss",
+        "train/tr_loss",
+        "inner/adversary_loss_first",
+        "inner/adversary_lr",
+        "grad/tr_norm",
+        "grad/retain_norm",
+        "eval/forget_acc",
+    }
+    assert expected <= recorder.keys
+
+
+def test_training_moves_weights_but_not_base(world):
+    module = _module(world)
+    trainer = _trainer(world, max_steps=2, enable_checkpointing=False)
+    trainer.fit(module, datamodule=_datamodule(world))
+    start = load_causal_lm(world / "safeguard").state_dict()
+    base = load_causal_lm(world / "base").state_dict()
+    trained = module.model.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert all(torch.equal(module.base_model.state_dict()[k], base[k]) for k in base)
+
+
+def test_frozen_base_not_in_checkpoint(world):
+    module = _module(world)
+    trainer = _trainer(world, max_steps=1, enable_checkpointing=False)
+    trainer.fit(module, datamodule=_datamodule(world))
+    assert all(key.startswith("model.") for key in module.state_dict())
+
+
+def test_resume_continues_from_checkpoint(world, tmp_path):
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+    first = _trainer(world, max_steps=2, callbacks=[checkpoints])
+    first.fit(_module(world), datamodule=_datamodule(world))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert "tar_sampling" in saved
+    # Checkpoints hold the averaged (eval-mode) weights of schedule-free AdamW.
+    assert saved["optimizer_states"][0]["param_groups"][0]["train_mode"] is False
+
+    resumed = _module(world)
+    second = _trainer(world, max_steps=4, enable_checkpointing=False)
+    second.fit(resumed, datamodule=_datamodule(world), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert second.global_step == 4
+
+
+def test_unknown_adversary_source_raises(world):
+    module = _module(world, adversaries=[AdversaryConfig(name="x", forget_source="forget_b", batch_size=4)])
+    trainer = _trainer(world, max_steps=1, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="forget_b"):
+        trainer.fit(module, datamodule=_datamodule(world))
+
+
+def test_invalid_arguments_listed(world):
+    with pytest.raises(ValueError) as error:
+        _module(world, inner_steps=2, tr_every=3, tr_weight=-1.0)
+    assert "model.tr_every" in str(error.value)
+    assert "model.tr_weight" in str(error.value)
