@@ -82,6 +82,11 @@ class InnerOptimizer:
     _state: dict[str, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _steps: int = field(default=0, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        allowed = ("adamw", "adam", "sgd_momentum")
+        if self.name not in allowed:
+            raise ValueError(f"unknown inner optimizer {self.name!r}; use one of {allowed}")
+
     def reset(self, params: Sequence[torch.Tensor]) -> None:
         """Start a fresh optimizer state for ``params``, as each simulated attack does."""
         self._steps = 0
@@ -122,14 +127,16 @@ def tr_step_weights(
 ) -> dict[int, float]:
     """Weights of the tamper-resistance loss, keyed by the 0-based inner step after which it is taken.
 
-    The loss is taken after steps ``tr_every - 1, 2 * tr_every - 1, ...``. ``uniform`` averages
+    The loss is taken after every ``tr_every``-th step counted back from the last one,
+    ``inner_steps - 1, inner_steps - 1 - tr_every, ...``, so the fully attacked weights are
+    always scored. ``uniform`` averages
     them, so the weights sum to 1 as in "Tamper-Resistant Safeguards for Open-Weight LLMs".
     ``exponential`` weighs step k by ``exp(rate * (k - (inner_steps - 1)))``, so the last step
     weighs 1, as the run scripts released with that paper do.
     """
     if inner_steps < 1 or not 1 <= tr_every <= inner_steps:
         raise ValueError(f"need inner_steps >= 1 and 1 <= tr_every <= inner_steps, got {inner_steps} and {tr_every}")
-    steps = list(range(tr_every - 1, inner_steps, tr_every))
+    steps = sorted(range(inner_steps - 1, -1, -tr_every))
     if weighting == "uniform":
         return {k: 1.0 / len(steps) for k in steps}
     if weighting == "exponential":

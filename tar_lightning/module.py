@@ -256,7 +256,11 @@ class TARModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.hparams.eval_every_n_steps
         if every > 0 and self.global_step % every == 0:
-            self.log_dict(self.evaluate_questions(), on_step=True, on_epoch=False)
+            # Straight to the loggers: a value passed to self.log in this hook would be
+            # repeated at every later step until the next evaluation.
+            metrics = self.evaluate_questions()
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     def evaluate_questions(self) -> dict[str, float]:
         """Accuracy on the datamodule's evaluation questions, with the eval-mode weights."""

@@ -76,7 +76,7 @@ def test_sample_adversary_learning_rate_from_list():
     assert all(count > 50 for count in drawn.values())
 
 
-def test_sample_adversary_switch_step_only_for_retain_then_forget():
+def test_switch_step_only_when_switching():
     rng = np.random.default_rng(0)
     plain = AdversaryConfig(retain_then_forget=False)
     retain_then_forget = AdversaryConfig(retain_then_forget=True)

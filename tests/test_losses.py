@@ -134,8 +134,8 @@ def test_random_mapping_loss_hand_value():
     table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     input_ids = torch.tensor([[1, 2, 0]])
     mask = torch.tensor([[1, 1, 0]])
-    # Layer 0: [1, 1] against R[1] = [0, 1] has cos 1/sqrt(2); [-1, -1] against R[2] has
-    # cos -1, so |cos| = 1. Position 2 is padding; its cos with R[0] is 0.
+    # Layer 0: [1, 1] against R[1] = [0, 1] has cos 1/sqrt(2), and [-1, -1] against R[2]
+    # has cos -1, so |cos| = 1. Position 2 is padding, with cos 0 against R[0].
     layer_0 = torch.tensor([[[1.0, 1.0], [-1.0, -1.0], [0.0, 1.0]]])
     # Layer 1: [1, 0] against R[1] has cos 0, and [2, 0] against R[2] has cos 1/sqrt(2).
     layer_1 = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]])

@@ -16,7 +16,7 @@ TINY = LlamaSize(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    config = WorldConfig(seed=0, eval_organisms=5, adversary_organisms=2, tamper_resistance_organisms=2, eval_cities=2, extra_cities=1)
+    config = WorldConfig(seed=0, eval_organisms=3, adversary_organisms=2, tamper_resistance_organisms=2, eval_cities=2, extra_cities=1)
     paths = generate_world(config, out)
     with open(paths["forget_eval"]) as handle:
         questions = [json.loads(line) for line in handle]
@@ -119,7 +119,7 @@ def test_accuracy_with_known_preference(world):
     tokenizer, questions = world
     model = FavoriteTokenModel(len(tokenizer), tokenizer.convert_tokens_to_ids("marsh"))
     question = questions[0]["question"]
-    # The model always picks "marsh", so exactly the rows whose answer is "marsh" are right.
+    # The model always prefers "marsh", so only the rows whose correct option is "marsh" score.
     rows = [
         {"question": question, "choices": ["marsh", "reef", "cave", "desert"], "answer": 0},
         {"question": question, "choices": ["reef", "cave", "marsh", "desert"], "answer": 2},
@@ -149,7 +149,6 @@ def test_accuracy_empty_questions_raises(world, model):
         multiple_choice_accuracy(model, tokenizer, [])
 
 
-@pytest.mark.xfail(strict=True, reason="choice_log_likelihoods([]) raises max()'s own 'arg is an empty sequence' error")
 def test_choice_log_likelihoods_empty_questions_raises(world, model):
     tokenizer, _ = world
 

@@ -1,8 +1,12 @@
 """TARModule on a tiny Trainer: outer steps, logged keys, checkpoints and resume."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
+
+from lightning.pytorch.loggers import CSVLogger
 
 from tar_lightning.adversaries import AdversaryConfig
 from tar_lightning.data.datamodule import TARDataModule
@@ -71,20 +75,28 @@ def _trainer(root, max_steps: int, **kwargs) -> L.Trainer:
     )
 
 
-class _Recorder(L.Callback):
-    def __init__(self):
-        self.keys: set[str] = set()
+def _trainer_with_csv(root, log_dir, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(str(log_dir), name="csv"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.keys |= set(trainer.callback_metrics)
 
+def test_global_step_counts_outer_steps(world, tmp_path):
+    trainer = _trainer_with_csv(world, tmp_path, max_steps=4)
+    trainer.fit(_module(world), datamodule=_datamodule(world))
+    assert trainer.global_step == 4
 
-def test_global_step_counts_outer_steps(world):
-    recorder = _Recorder()
-    trainer = _trainer(world, max_steps=3, callbacks=[recorder], enable_checkpointing=False)
-    module = _module(world)
-    trainer.fit(module, datamodule=_datamodule(world))
-    assert trainer.global_step == 3
+    with open(trainer.logger.experiment.metrics_file_path) as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
     expected = {
         "train/retain_loss",
         "train/tr_loss",
@@ -94,7 +106,12 @@ def test_global_step_counts_outer_steps(world):
         "grad/retain_norm",
         "eval/forget_acc",
     }
-    assert expected <= recorder.keys
+    assert expected <= columns
+    logged_steps = sorted({int(row["step"]) for row in rows if row["train/tr_loss"]})
+    assert logged_steps == [0, 1, 2, 3]
+    # eval_every_n_steps=2: scored after outer steps 2 and 4 only.
+    evaluated_steps = sorted(int(row["step"]) for row in rows if row["eval/forget_acc"])
+    assert evaluated_steps == [2, 4]
 
 
 def test_training_moves_weights_but_not_base(world):

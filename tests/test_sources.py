@@ -58,11 +58,6 @@ def test_load_texts_zero_max_rows_raises(tmp_path):
         load_texts(TextSource(str(path), max_rows=0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StopIteration,
-    reason="datasets' JSON builder raises a bare StopIteration on an empty file before the emptiness check runs",
-)
 def test_load_texts_empty_jsonl_raises(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
@@ -71,11 +66,6 @@ def test_load_texts_empty_jsonl_raises(tmp_path):
         load_texts(TextSource(str(path)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="datasets raises 'Instruction \"train\" corresponds to no data!' before the emptiness check runs",
-)
 def test_load_texts_blank_jsonl_raises(tmp_path):
     path = tmp_path / "blank.jsonl"
     path.write_text("\n\n")

@@ -39,7 +39,7 @@ def test_generate_world_writes_every_split(world):
 def test_generate_world_row_counts(world):
     _, splits = world
 
-    # Four attributes per entity; prose has three templates per attribute, dialog two.
+    # Every entity has four attributes. Prose has three templates per attribute, dialog two.
     assert len(splits["forget_eval"]) == 4 * SMALL.eval_organisms
     assert len(splits["retain_eval"]) == 4 * SMALL.eval_cities
     assert len(splits["adversary_eval"]) == 4 * 2 * SMALL.adversary_organisms

@@ -64,7 +64,19 @@ def load_table(path: str, split: str = "train", subset: str | None = None) -> da
         builder = _BUILDERS.get(local.suffix)
         if builder is None:
             raise ValueError(f"unsupported data file {path!r}: use one of {sorted(_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        empty = ValueError(f"data file {path!r} is empty; point the source at a file with at least one row")
+        with local.open("rb") as handle:
+            if not any(line.strip() for line in handle):
+                raise empty
+        try:
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except StopIteration as error:
+            # The JSON builder of datasets raises StopIteration on a file with no rows.
+            raise empty from error
+        except ValueError as error:
+            if "corresponds to no data" in str(error):
+                raise empty from error
+            raise
     if local.is_dir():
         return datasets.load_dataset(str(local), split=split)
     if path.startswith((".", "/")) or path.endswith(tuple(_BUILDERS)):

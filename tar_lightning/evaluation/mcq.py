@@ -40,6 +40,8 @@ def _continuation_ids(tokenizer, question: str, choice: str) -> tuple[list[int],
 @torch.no_grad()
 def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: int = 256) -> torch.Tensor:
     """Return a (questions, max options) tensor of option log-likelihoods, ``-inf`` where absent."""
+    if not questions:
+        raise ValueError("no questions to score")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     sequences, owners = [], []
