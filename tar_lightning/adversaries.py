@@ -43,7 +43,7 @@ class AdversaryConfig:
     forget_source: str = "forget_a"
     retain_source: str = "retain"
     retain_then_forget: bool = False
-    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    learning_rates: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 2e-3])
     optimizer: InnerOptimizerName = "adamw"
     schedule: Literal["constant", "linear_warmup"] = "constant"
     warmup_steps: int = 0

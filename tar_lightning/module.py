@@ -51,8 +51,9 @@ class TARModule(L.LightningModule):
         model_path: Directory or hub name of the safeguarded model that training starts from.
         base_model_path: Directory or hub name of the original model before the safeguard;
             frozen, it anchors the representation term of the retain loss.
-        adversaries: The training adversary distribution; the authors' mix of forget corpus A,
-            forget corpus B and retain-then-forget when omitted.
+        adversaries: The training adversary distribution. ``null`` (the default) is the
+            authors' mix: forget corpus A, forget corpus B and retain-then-forget in equal
+            parts, learning rates from ``AdversaryConfig``.
         inner_steps: K, simulated attack steps per outer step.
         tr_every: Take the tamper-resistance loss after every ``tr_every``-th inner step.
         step_weighting: ``uniform`` averages the tamper-resistance losses over the steps where
@@ -99,7 +100,7 @@ class TARModule(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.adversaries = list(adversaries) if adversaries else default_adversaries()
+        self.adversaries = [copy.deepcopy(a) for a in adversaries] if adversaries else default_adversaries()
         # Plain dicts, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["adversaries"])
         self.hparams["adversaries"] = [asdict(a) for a in self.adversaries]

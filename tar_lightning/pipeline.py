@@ -32,11 +32,11 @@ def _default_pretraining() -> FinetuneConfig:
 def default_attacks() -> list[AttackConfig]:
     """Attacks the default training adversaries do not cover: longer, other optimizers and schedules."""
     return [
-        AttackConfig(name="adamw_long", optimizer="adamw", learning_rate=2e-3, steps=256, data="forget_a"),
+        AttackConfig(name="adamw_long", optimizer="adamw", learning_rate=1e-3, steps=256, data="forget_a"),
         AttackConfig(
             name="sgd_retain_then_forget",
             optimizer="sgd_momentum",
-            learning_rate=1e-2,
+            learning_rate=5e-3,
             steps=256,
             data="forget_a",
             retain_fraction=0.4,

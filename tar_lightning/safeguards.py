@@ -23,8 +23,8 @@ class RandomMappingConfig:
         seed: Seed of the random table R (vocab x hidden).
     """
 
-    steps: int = 500
-    learning_rate: float = 2e-3
+    steps: int = 200
+    learning_rate: float = 1e-3
     batch_size: int = 32
     retain_weight: float = 1.0
     seed: int = 0
