@@ -2,18 +2,20 @@
 #   make train OBJECTIVE=wkr ARGS="--model.inner_steps 8"
 #   make test
 #   make tensorboard
+#   make bench BENCH_ARGS="--model-size 30M --inner-steps 16"
 
 PYTHON ?= python3
 VENV ?= .venv
 OBJECTIVE ?= wkr
 ARGS ?=
+BENCH_ARGS ?=
 # The CPU wheel of this release is what the tests run on; on a GPU cluster use the
 # CUDA build of your choice, for example `make train TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: venv train test tensorboard clean
+.PHONY: venv train test tensorboard bench clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +37,10 @@ test: venv
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir checkpoints
+
+# TAR outer step against its floor; docs/benchmarks.md explains the output.
+bench: venv
+	$(BIN)/python -m tar_lightning.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

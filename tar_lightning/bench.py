@@ -4,9 +4,9 @@
     python -m tar_lightning.bench --model-size 30M --inner-steps 16
 
 An outer step with K inner steps and TR subsampling s does K adversary passes (forward,
-backward, optimizer step), ceil(K / s) tamper-resistance passes (forward, backward) and one
-retain pass (forward and backward of the trained model with hidden states, plus a no-grad
-forward of the frozen base model). The floor is the time of those same passes done as plain
+backward, optimizer step) and ceil(K / s) tamper-resistance passes (forward, backward). It
+ends with one retain pass: forward and backward of the trained model with hidden states, plus
+a no-grad forward of the frozen base model. The floor is the time of those same passes done as plain
 training on ``nn.Module``s with ``torch.optim.AdamW``, with the same losses and batch shapes.
 Everything above the floor is overhead: weight copies, ``functional_call``, the functional
 inner optimizer, the outer schedule-free AdamW update, Python, logging and data.
@@ -71,11 +71,22 @@ TARGET_MAX_LINEARITY_DEVIATION = 0.10
 # The plan that runs when neither --model-size nor --inner-steps is given.
 DEFAULT_PLAN: list[tuple[str, list[int]]] = [("2M", [4, 8, 16, 32]), ("30M", [8])]
 QUICK_PLAN: list[tuple[str, list[int]]] = [("tiny", [2, 4])]
+DEFAULT_INNER_STEPS = [4, 8, 16, 32]
+# Default of each numeric option: (normal, with --quick).
+SETTING_DEFAULTS: dict[str, tuple[int, int]] = {
+    "tr_every": (4, 2),
+    "batch_size": (8, 2),
+    "seq_len": (64, 16),
+    "repeats": (5, 3),
+    "warmup": (1, 1),
+}
+MATMUL_SIZES = {"cpu": 2048, "cuda": 8192}
+MATMUL_SIZE_QUICK = 256
 
 ADVERSARY_SOURCES = ("forget_a", "forget_b", "retain")
 POOL_ROWS = 256
-# Learning rate and weight decay of the floor's AdamW, matching the adversaries' smallest
-# learning rate and the inner optimizer's default weight decay. Values do not change its cost.
+# Learning rate and weight decay of the floor's AdamW: an adversary learning rate and the
+# inner optimizer's default weight decay. The values do not change the cost of a step.
 FLOOR_LEARNING_RATE = 1e-3
 FLOOR_WEIGHT_DECAY = 0.01
 
@@ -245,9 +256,9 @@ class FloorStep:
     """The passes of one TAR outer step as plain training on real modules with ``torch.optim``.
 
     ``run`` does ``inner_steps`` adversary steps (forward, next-token loss, backward,
-    ``AdamW.step``), ``tr_passes`` forward and backward passes with the negative-entropy loss,
-    and one retain pass: forward of ``model`` with hidden states, no-grad forward of ``base``
-    with hidden states, next-token loss plus representation distance, backward.
+    ``AdamW.step``) and ``tr_passes`` forward and backward passes with the negative-entropy
+    loss. The retain pass then runs ``model`` with hidden states and ``base`` without grad,
+    and back-propagates the next-token loss plus the representation distance.
     """
 
     def __init__(self, model, base, inner_steps: int, tr_passes: int, batches: dict, clock: Callable[[], float]):
@@ -608,6 +619,28 @@ def measure_matmul_peak(n: int, repeats: int, device: torch.device) -> float:
     return 2 * n**3 / best
 
 
+def warn_if_cpu_busy(device: torch.device, load_average: tuple[float, float, float] | None) -> None:
+    """Log a warning when other processes already keep CPU cores busy on a CPU run.
+
+    On a 2-core machine with one core busy, 2 torch threads slowed the 2M model's outer step
+    at K=8 from 0.9 s (1 thread) to 16 s, and made the ratio meaningless.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device.type != "cpu" or load_average is None or not cpus:
+        return
+    busy = round(load_average[0])
+    threads = torch.get_num_threads()
+    if threads > 1 and busy >= 1 and busy + threads > cpus:
+        log.warning(
+            "load average %.1f on %d CPUs: other processes are busy, and %d torch threads will compete with them; "
+            "timings can be many times slower and noisy. Pass --threads %d or fewer for stable numbers",
+            load_average[0],
+            cpus,
+            threads,
+            max(cpus - busy, 1),
+        )
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -641,6 +674,11 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _default_help(key: str) -> str:
+    normal, quick = SETTING_DEFAULTS[key]
+    return f"(default: {normal}; {quick} with --quick)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tar_lightning.bench",
@@ -650,8 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Models have random weights and batches hold random token ids."
         ),
     )
+
     sizes = ", ".join(
-        f"{name} (hidden {m.size.hidden_size}, {m.size.num_layers} layers, vocabulary {m.vocab_size})"
+        f"{name} (hidden {m.size.hidden_size}, {m.size.num_layers} layers, {m.size.num_heads} heads, "
+        f"MLP {m.size.intermediate_size}, vocabulary {m.vocab_size})"
         for name, m in MODEL_SIZES.items()
     )
     default_plan = "; ".join(f"{name} at K = {' '.join(map(str, ks))}" for name, ks in DEFAULT_PLAN)
@@ -659,37 +699,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-size",
         nargs="+",
         choices=list(MODEL_SIZES),
-        help=f"model sizes to measure: {sizes}. Without this and --inner-steps the default plan runs: {default_plan}",
+        metavar="SIZE",
+        help=(
+            f"model sizes to measure: {sizes}. Without this and --inner-steps the default plan runs: {default_plan}. "
+            f"With only --inner-steps: {' and '.join(name for name, _ in DEFAULT_PLAN)} ({QUICK_PLAN[0][0]} with --quick)"
+        ),
     )
     parser.add_argument(
         "--inner-steps",
         nargs="+",
         type=_positive_int,
-        help="values of K, inner (adversary) steps per outer step, measured for every model size (default: 4 8 16 32)",
+        metavar="K",
+        help=(
+            "values of K, inner (adversary) steps per outer step, measured for every model size "
+            f"(default: {' '.join(map(str, DEFAULT_INNER_STEPS))}; {' '.join(map(str, QUICK_PLAN[0][1]))} with --quick)"
+        ),
     )
     parser.add_argument(
-        "--tr-every", type=_positive_int, help="take the tamper-resistance loss every this many inner steps (default: 4; 2 with --quick)"
+        "--tr-every",
+        type=_positive_int,
+        help=f"take the tamper-resistance loss every this many inner steps {_default_help('tr_every')}",
     )
-    parser.add_argument("--batch-size", type=_positive_int, help="sequences per batch of every pass (default: 8; 2 with --quick)")
-    parser.add_argument("--seq-len", type=_positive_int, help="tokens per sequence, at least 2 (default: 64; 16 with --quick)")
+
+    parser.add_argument("--batch-size", type=_positive_int, help=f"sequences per batch of every pass {_default_help('batch_size')}")
+    parser.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence, at least 2 {_default_help('seq_len')}")
     parser.add_argument(
-        "--repeats", type=_positive_int, help="timed TAR outer steps per configuration, each followed by one floor step (default: 5; 3 with --quick)"
+        "--repeats",
+        type=_positive_int,
+        help=f"timed TAR outer steps per configuration, each followed by one floor step {_default_help('repeats')}",
     )
     parser.add_argument(
-        "--warmup", type=_non_negative_int, help="untimed TAR and floor steps before timing starts (default: 1)"
+        "--warmup", type=_non_negative_int, help=f"untimed TAR and floor steps before timing starts {_default_help('warmup')}"
     )
-    parser.add_argument("--vocab-size", type=_positive_int, help="override the vocabulary size of every model size")
+    parser.add_argument("--vocab-size", type=_positive_int, help="vocabulary size for every model size (default: each size's own)")
+
     parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device; auto picks CUDA when available")
     parser.add_argument(
-        "--matmul-size", type=_positive_int, help="n of the n x n float32 matrix multiply that sets the MFU peak (default: 2048 on CPU, 8192 on CUDA; 256 with --quick)"
+        "--matmul-size",
+        type=_positive_int,
+        help=(
+            "n of the n x n float32 matrix multiply whose speed is the MFU peak "
+            f"(default: {MATMUL_SIZES['cpu']} on CPU, {MATMUL_SIZES['cuda']} on CUDA; {MATMUL_SIZE_QUICK} with --quick)"
+        ),
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of model weights and random tokens")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/bench/bench.json"), help="JSON file the results are written to")
+    parser.add_argument("--seed", type=int, default=0, help="seed of model weights and random tokens (default: 0)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("checkpoints/bench/bench.json"),
+        help="JSON file the results are written to (default: checkpoints/bench/bench.json)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="seconds-long smoke run: the tiny model at K = 2 4 and the smaller --quick defaults above, unless set",
+        help="seconds-long smoke run with the --quick defaults above; options given explicitly still apply",
     )
     return parser
 
@@ -698,33 +762,41 @@ def resolve_plan(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """Return the (model size, K values) pairs to measure."""
     if args.model_size is None and args.inner_steps is None:
         return QUICK_PLAN if args.quick else DEFAULT_PLAN
-    default_ks = QUICK_PLAN[0][1] if args.quick else [4, 8, 16, 32]
+    default_ks = QUICK_PLAN[0][1] if args.quick else DEFAULT_INNER_STEPS
     default_sizes = [QUICK_PLAN[0][0]] if args.quick else [name for name, _ in DEFAULT_PLAN]
     ks = sorted(set(args.inner_steps or default_ks))
     return [(name, ks) for name in dict.fromkeys(args.model_size or default_sizes)]
 
 
+def _setting(args: argparse.Namespace, key: str) -> int:
+    value = getattr(args, key)
+    if value is not None:
+        return value
+    normal, quick = SETTING_DEFAULTS[key]
+    return quick if args.quick else normal
+
+
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: list[tuple[str, list[int]]]) -> Settings:
-    quick = args.quick
-    pick = lambda value, normal, fast: value if value is not None else (fast if quick else normal)  # noqa: E731
-    tr_every = pick(args.tr_every, 4, 2)
+    """Apply the defaults (the --quick ones with --quick) and reject invalid combinations."""
+    tr_every = _setting(args, "tr_every")
     smallest_k = min(k for _, ks in plan for k in ks)
     if tr_every > smallest_k:
         parser.error(f"--tr-every {tr_every} is larger than the smallest --inner-steps value {smallest_k}; lower --tr-every")
-    seq_len = pick(args.seq_len, 64, 16)
+    seq_len = _setting(args, "seq_len")
     if seq_len < 2:
         parser.error(f"--seq-len must be at least 2 for a next-token loss, got {seq_len}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
     # NOTE: only the CPU path has been run; the CUDA path (synchronising clock, CUDA memory
     # statistics, "gpu" Trainer) is untested.
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     return Settings(
         tr_every=tr_every,
-        batch_size=pick(args.batch_size, 8, 2),
+        batch_size=_setting(args, "batch_size"),
         seq_len=seq_len,
-        repeats=pick(args.repeats, 5, 3),
-        warmup=pick(args.warmup, 1, 1),
+        repeats=_setting(args, "repeats"),
+        warmup=_setting(args, "warmup"),
         vocab_size=args.vocab_size,
         device=device,
         seed=args.seed,
@@ -814,7 +886,10 @@ def run_plan(args: argparse.Namespace, plan: list[tuple[str, list[int]]], settin
     """Measure the matmul peak and every configuration of ``plan``; return the report."""
     started = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    matmul_size = args.matmul_size or (256 if args.quick else 8192 if settings.device.type == "cuda" else 2048)
+    warn_if_cpu_busy(settings.device, load_start)
+    matmul_size = args.matmul_size
+    if matmul_size is None:
+        matmul_size = MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZES[settings.device.type]
     peak_flops = measure_matmul_peak(matmul_size, repeats=5, device=settings.device)
     log.info("matmul peak %.1f GFLOP/s (n=%d)", peak_flops / 1e9, matmul_size)
 

@@ -61,7 +61,8 @@ class TARLightningCLI(LightningCLI):
         subcommand_config = self.config_init[self.subcommand]
         if config.resume and subcommand_config.get("ckpt_path") is None:
             subcommand_config["ckpt_path"] = "last"
-        log.info("tar: training for %d outer steps", self.trainer.max_steps)
+        resume = " (resuming from the last checkpoint if there is one)" if config.resume else ""
+        log.info("tar: training up to outer step %d%s", self.trainer.max_steps, resume)
 
     def after_fit(self) -> None:
         config = self._pipeline()

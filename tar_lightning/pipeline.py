@@ -42,11 +42,11 @@ def default_attacks() -> list[AttackConfig]:
             retain_fraction=0.4,
         ),
         AttackConfig(
-            name="adam_cosine_dialog",
+            name="adam_warmup_cosine",
             optimizer="adam",
             learning_rate=1e-3,
             steps=256,
-            data="forget_b",
+            data="forget_a",
             schedule="warmup_cosine",
             warmup_steps=25,
         ),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,15 @@ def _scores(model, tokenizer, questions: dict[str, list[dict]], batch_size: int)
     return scores
 
 
+def run_fingerprint(model_dir: str, attack: AttackConfig | None, questions_digest: str) -> str:
+    """Hash of the model files' sizes and modification times, the attack config and the questions."""
+    parts = [json.dumps(asdict(attack), sort_keys=True) if attack else "none", questions_digest]
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
     mean = float(np.mean(values))
     stderr = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
@@ -34,17 +45,24 @@ def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
 
 
 class ResultCache:
-    """Per-run results stored as JSON after every run, so an interrupted evaluation resumes."""
+    """Per-run results stored as JSON after every run, so an interrupted evaluation resumes.
+
+    Each result is stored with a fingerprint of what produced it; a result whose fingerprint
+    differs (another attack config, retrained weights) is computed again.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.data: dict = json.loads(path.read_text()) if path.is_file() else {}
 
-    def get(self, key: str) -> dict | None:
-        return self.data.get(key)
+    def get(self, key: str, fingerprint: str) -> dict | None:
+        entry = self.data.get(key)
+        if entry is None or entry.get("fingerprint") != fingerprint:
+            return None
+        return entry["result"]
 
-    def put(self, key: str, value: dict) -> None:
-        self.data[key] = value
+    def put(self, key: str, fingerprint: str, value: dict) -> None:
+        self.data[key] = {"fingerprint": fingerprint, "result": value}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         tmp.replace(self.path)
@@ -68,6 +86,7 @@ def evaluate_models(
     cache are reused.
     """
     cache = ResultCache(cache_path)
+    questions_digest = hashlib.sha256(json.dumps(questions, sort_keys=True).encode()).hexdigest()
     tokenizer = load_tokenizer(next(iter(models.values())))
     report: dict = {"objective": "wkr", "chance": CHANCE, "models": {}}
     runs = [(name, attack, seed) for name in models for attack in [None, *attacks] for seed in ([0] if attack is None else seeds)]
@@ -76,7 +95,8 @@ def evaluate_models(
     for name, attack, seed in bar:
         key = f"{name}/{attack.name if attack else 'none'}/{seed}"
         bar.set_postfix_str(key)
-        result = cache.get(key)
+        fingerprint = run_fingerprint(models[name], attack, questions_digest)
+        result = cache.get(key, fingerprint)
         if result is None:
             if attack is None:
                 model = load_causal_lm(models[name]).to(device)
@@ -85,7 +105,7 @@ def evaluate_models(
                 model, losses = run_attack(models[name], attack, pools, seed, device)
                 result = _scores(model, tokenizer, questions, batch_size)
                 result["final_loss"] = float(np.mean(losses[-10:]))
-            cache.put(key, result)
+            cache.put(key, fingerprint, result)
         results.setdefault((name, attack.name if attack else "none"), []).append(result)
     bar.close()
 
