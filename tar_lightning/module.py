@@ -203,10 +203,10 @@ class TARModule(L.LightningModule):
         """Attack a functional copy of the weights for K steps; return the weighted TR gradient."""
         pools = self.trainer.datamodule.adversary_pools
         steps = range(self.hparams.inner_steps)
-        batches = [
-            {k: v.to(self.device) for k, v in pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator).items()}
-            for k in steps
-        ]
+        batches = []
+        for k in steps:
+            sample = pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator)
+            batches.append({name: tensor.to(self.device) for name, tensor in sample.items()})
         floor = -math.log(self.model.config.vocab_size) if self.hparams.tr_loss_floor else None
         return run_inner_loop(
             self.model,
