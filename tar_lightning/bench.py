@@ -17,7 +17,7 @@ runs one floor step right after each timed TAR step, so the two alternate in one
 share whatever load the machine has. Trainer start-up and warm-up steps are not timed.
 
 Models are Llamas built from a config with random weights (nothing is downloaded). Every
-batch holds uniformly random token ids at full length, with no padding, served by
+batch contains uniformly random token ids at full length, with no padding, served by
 ``TARDataModule``'s own dataloader from pools of random tokens. The built-in world is not
 used, so each model size can have the vocabulary it needs.
 """
@@ -136,7 +136,7 @@ class RandomTokenPool(TokenPool):
 
 
 class RandomTokenDataModule(TARDataModule):
-    """``TARDataModule`` whose retain, x_TR and adversary pools hold random tokens.
+    """``TARDataModule`` whose retain, x_TR and adversary pools contain random tokens.
 
     Batches still come from ``TARDataModule.train_dataloader``, so the benchmark times the
     product's data path.
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Time the real TAR outer step (TARModule.training_step in a Lightning Trainer) against its floor: "
             "the same forward and backward passes as plain training with torch.optim.AdamW, interleaved in one process. "
-            "Models have random weights and batches hold random token ids."
+            "Models have random weights and batches contain random token ids."
         ),
     )
 
@@ -734,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=_positive_int, help="vocabulary size for every model size (default: each size's own)")
 
     parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device; auto picks CUDA when available")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device to run on; auto picks CUDA when available (default: auto)")
     parser.add_argument(
         "--matmul-size",
         type=_positive_int,
