@@ -88,12 +88,22 @@ class InnerOptimizer:
             raise ValueError(f"unknown inner optimizer {self.name!r}; use one of {allowed}")
 
     def reset(self, params: Sequence[torch.Tensor]) -> None:
-        """Start a fresh optimizer state for ``params``, as each simulated attack does."""
+        """Start a fresh optimizer state for ``params``, as each simulated attack does.
+
+        Buffers of a previous reset are zeroed in place when the shapes match, so an outer
+        step does not allocate a new optimizer state.
+        """
         self._steps = 0
-        if self.name == "sgd_momentum":
-            self._state = {"momentum": [torch.zeros_like(p) for p in params]}
+        names = ("momentum",) if self.name == "sgd_momentum" else ("exp_avg", "exp_avg_sq", "denom")
+        first = self._state.get(names[0], [])
+        reusable = len(first) == len(params) and all(
+            b.shape == p.shape and b.dtype == p.dtype and b.device == p.device for b, p in zip(first, params)
+        )
+        if reusable:
+            for name in names:
+                torch._foreach_zero_(self._state[name])
         else:
-            self._state = {"exp_avg": [torch.zeros_like(p) for p in params], "exp_avg_sq": [torch.zeros_like(p) for p in params]}
+            self._state = {name: [torch.zeros_like(p) for p in params] for name in names}
 
     @torch.no_grad()
     def step(self, params: list[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> None:
@@ -116,7 +126,9 @@ class InnerOptimizer:
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
         bias_correction1 = 1.0 - beta1**self._steps
         bias_correction2 = 1.0 - beta2**self._steps
-        denom = torch._foreach_sqrt(exp_avg_sq)
+        denom = self._state["denom"]
+        torch._foreach_copy_(denom, exp_avg_sq)
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, bias_correction2**0.5)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / bias_correction1)
@@ -172,20 +184,25 @@ def run_inner_loop(
     tr_loss_fn: Callable[[torch.nn.Module, Params, Batch], torch.Tensor],
     tr_weights: Mapping[int, float],
     tr_floor: float | None = None,
+    tr_grads: list[torch.Tensor] | None = None,
 ) -> InnerLoopResult:
     """Attack ``params`` in place for ``len(adversary_batches)`` steps and return the TR gradient.
 
     Step k trains on ``adversary_batches[k]`` at ``learning_rates[k]``. After each step k in
     ``tr_weights``, the tamper-resistance loss of the attacked weights on ``tr_batch`` is taken
     and ``tr_weights[k]`` times its gradient is added to the result. With ``tr_floor`` set, a
-    gradient whose loss is already at or below the floor is skipped.
+    gradient whose loss is already at or below the floor is skipped. ``tr_grads``, when given,
+    is a buffer shaped like ``params`` that is zeroed and filled instead of a new allocation.
     """
     if len(learning_rates) != len(adversary_batches):
         raise ValueError(f"got {len(adversary_batches)} adversary batches but {len(learning_rates)} learning rates")
     names = list(params)
     tensors = [params[n] for n in names]
     optimizer.reset(tensors)
-    tr_grads = [torch.zeros_like(t) for t in tensors]
+    if tr_grads is None:
+        tr_grads = [torch.zeros_like(t) for t in tensors]
+    else:
+        torch._foreach_zero_(tr_grads)
     adversary_losses: list[float] = []
     tr_losses: list[float] = []
     used = 0

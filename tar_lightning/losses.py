@@ -80,3 +80,13 @@ def random_mapping_loss(
         cosine = F.cosine_similarity(h.float(), targets, dim=-1)
         per_layer.append(_masked_mean(1.0 - cosine.abs(), attention_mask))
     return torch.stack(per_layer).mean()
+
+
+def gradient_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Return ``sum_p <p, g_p>`` with ``grads`` detached: a scalar whose gradient is ``grads``.
+
+    Adding it to a loss before ``backward()`` adds a precomputed gradient (such as the
+    tamper-resistance gradient) through autograd, where a data-parallel strategy averages it
+    across processes; writing into ``.grad`` after backward would skip that averaging.
+    """
+    return sum(torch.dot(p.flatten(), g.detach().flatten()) for p, g in zip(params, grads, strict=True))

@@ -32,7 +32,7 @@ from tar_lightning.inner_loop import (
     run_inner_loop,
     tr_step_weights,
 )
-from tar_lightning.losses import negative_entropy_loss, next_token_loss, representation_distance
+from tar_lightning.losses import gradient_surrogate, negative_entropy_loss, next_token_loss, representation_distance
 from tar_lightning.models import load_causal_lm
 
 
@@ -112,6 +112,10 @@ class TARModule(L.LightningModule):
         self.batch_generator = torch.Generator().manual_seed(seed)
         self.model = None
         self._frozen: list[torch.nn.Module] = []
+        # Buffers of the inner loop, allocated on the first outer step and reused after it.
+        self._inner_params: dict[str, torch.Tensor] | None = None
+        self._tr_grads: list[torch.Tensor] | None = None
+        self._inner_optimizers: dict[str, InnerOptimizer] = {}
 
     def validate_arguments(self, sources: set[str] | None = None) -> list[str]:
         """Return every problem of the arguments, each naming its dotted key."""
@@ -208,17 +212,31 @@ class TARModule(L.LightningModule):
             sample = pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator)
             batches.append({name: tensor.to(self.device) for name, tensor in sample.items()})
         floor = -math.log(self.model.config.vocab_size) if self.hparams.tr_loss_floor else None
+        name = adversary.config.optimizer
+        if name not in self._inner_optimizers:
+            self._inner_optimizers[name] = InnerOptimizer(name, eps=self.hparams.inner_eps)
         return run_inner_loop(
             self.model,
-            copy_params(self.model),
+            self._copy_weights(),
             batches,
             [adversary.learning_rate_at(k) for k in steps],
-            InnerOptimizer(adversary.config.optimizer, eps=self.hparams.inner_eps),
+            self._inner_optimizers[name],
             tr_batch,
             _entropy_tr_loss,
             self.tr_weights,
             floor,
+            self._tr_grads,
         )
+
+    def _copy_weights(self) -> dict[str, torch.Tensor]:
+        """Functional copies of the current weights, written into the buffers of the last step."""
+        if self._inner_params is None:
+            self._inner_params = copy_params(self.model)
+            self._tr_grads = [torch.zeros_like(t) for t in self._inner_params.values()]
+        else:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self._inner_params.values()), list(self.model.parameters()))
+        return self._inner_params
 
     def _retain_loss(self, batch: dict) -> dict:
         """Next-token loss plus the representation distance to the frozen base model."""
@@ -233,22 +251,22 @@ class TARModule(L.LightningModule):
     def _outer_step(self, retain_loss: torch.Tensor, tr_grads: list[torch.Tensor]) -> dict[str, float]:
         """Update the weights with lambda_retain * grad(L_retain) + lambda_TR * g_TR.
 
-        The TR gradient enters through the surrogate sum_p <p, g_TR_p>, whose gradient is
-        exactly g_TR. Going through ``manual_backward`` this way, instead of writing into
-        ``.grad``, lets a data-parallel strategy average both parts across processes.
+        The TR gradient enters through ``gradient_surrogate``, whose gradient is exactly
+        lambda_TR * g_TR, so ``manual_backward`` carries both parts and a data-parallel
+        strategy averages them across processes.
         """
         optimizer = self.optimizers()
         params = list(self.model.parameters())
-        scaled = torch._foreach_mul(tr_grads, self.hparams.tr_weight)
-        surrogate = sum((p * g).sum() for p, g in zip(params, scaled))
+        torch._foreach_mul_(tr_grads, self.hparams.tr_weight)
+        surrogate = gradient_surrogate(params, tr_grads)
+        tr_norm = _total_norm(tr_grads)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(self.hparams.retain_weight * retain_loss + surrogate)
         grads = [p.grad for p in params]
-        norms = {
-            "grad/tr_norm": _total_norm(scaled),
-            "grad/retain_norm": _total_norm(torch._foreach_sub(grads, scaled)),
-            "grad/total_norm": _total_norm(grads),
-        }
+        total_norm = _total_norm(grads)
+        # The buffer is refilled next step, so it can hold g_TR - total = -grad(retain part).
+        torch._foreach_sub_(tr_grads, grads)
+        norms = {"grad/tr_norm": tr_norm, "grad/retain_norm": _total_norm(tr_grads), "grad/total_norm": total_norm}
         if self.hparams.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()

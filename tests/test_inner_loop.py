@@ -163,6 +163,27 @@ def test_run_inner_loop_matches_adamw(model, batches):
     assert result.tr_used == 0
 
 
+def test_reused_buffers_match_fresh_run(model, batches):
+    adversary_batches, tr_batch = batches
+    weights = {2: 0.5}
+    fresh = run_inner_loop(
+        model, copy_params(model), adversary_batches, LEARNING_RATES, InnerOptimizer("adamw"), tr_batch, entropy_tr_loss, weights
+    )
+
+    # A second attack with the optimizer and gradient buffer of a first one, as the module does.
+    optimizer = InnerOptimizer("adamw")
+    buffer = [torch.zeros_like(p) for p in copy_params(model).values()]
+    run_inner_loop(model, copy_params(model), adversary_batches, LEARNING_RATES, optimizer, tr_batch, entropy_tr_loss, weights, None, buffer)
+    reused = run_inner_loop(
+        model, copy_params(model), adversary_batches, LEARNING_RATES, optimizer, tr_batch, entropy_tr_loss, weights, None, buffer
+    )
+
+    assert reused.tr_grads is buffer
+    for expected, actual in zip(fresh.tr_grads, reused.tr_grads):
+        assert torch.equal(expected, actual)
+    assert reused.adversary_losses == fresh.adversary_losses
+
+
 def test_run_inner_loop_leaves_model_unchanged(model, batches):
     adversary_batches, tr_batch = batches
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}

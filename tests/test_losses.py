@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tar_lightning.losses import (
+    gradient_surrogate,
     masked_entropy,
     negative_entropy_loss,
     next_token_loss,
@@ -154,3 +155,21 @@ def test_random_mapping_loss_aligned_is_zero():
     hidden = 2.5 * table[input_ids]
 
     assert random_mapping_loss((hidden, -hidden), input_ids, MASK, table).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_surrogate_adds_given_gradient():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, requires_grad=True)
+    bias = torch.randn(2, requires_grad=True)
+    extra = [torch.randn(3, 2), torch.randn(2)]
+    inputs = torch.randn(4, 3)
+
+    loss = (inputs @ weight + bias).pow(2).mean()
+    expected = torch.autograd.grad(2.0 * loss, [weight, bias])
+
+    loss = (inputs @ weight + bias).pow(2).mean()
+    combined = 2.0 * loss + gradient_surrogate([weight, bias], extra)
+    combined.backward()
+
+    assert torch.allclose(weight.grad, expected[0] + extra[0])
+    assert torch.allclose(bias.grad, expected[1] + extra[1])
