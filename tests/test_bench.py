@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from tar_lightning import bench
+from tar_lightning.bench import cli as bench
+from tar_lightning.bench.workload import MODEL_SIZES, _RandomVocabulary
+from tar_lightning.models import build_llama
 
 RESULT_KEYS = {
     "model_size",
@@ -60,8 +62,8 @@ def test_tr_every_above_k_rejected(tmp_path, capsys):
 
 def test_model_sizes_match_names():
     counts = {}
-    for name, spec in bench.MODEL_SIZES.items():
-        model = bench.build_llama(spec.size, bench._RandomVocabulary(spec.vocab_size))
+    for name, spec in MODEL_SIZES.items():
+        model = build_llama(spec.size, _RandomVocabulary(spec.vocab_size))
         counts[name] = sum(p.numel() for p in model.parameters())
     assert 1.5e6 < counts["2M"] < 2.5e6
     assert 27e6 < counts["30M"] < 33e6

@@ -1,87 +1,39 @@
-"""Benchmark of one TAR outer step against the floor of the same forward and backward passes.
-
-    python -m tar_lightning.bench                       # the default plan (see --help)
-    python -m tar_lightning.bench --model-size 30M --inner-steps 16
-
-An outer step with K inner steps and TR subsampling s does K adversary passes (forward,
-backward, optimizer step) and ceil(K / s) tamper-resistance passes (forward, backward). It
-ends with one retain pass: forward and backward of the trained model with hidden states, plus
-a no-grad forward of the frozen base model. The floor is the time of those same passes done as plain
-training on ``nn.Module``s with ``torch.optim.AdamW``, with the same losses and batch shapes.
-Everything above the floor is overhead: weight copies, ``functional_call``, the functional
-inner optimizer, the outer schedule-free AdamW update, Python, logging and data.
-
-The TAR side is the real ``TARModule.training_step`` in a real Lightning ``Trainer``. A
-callback times each outer step from ``on_train_batch_start`` to ``on_train_batch_end`` and
-runs one floor step right after each timed TAR step, so the two alternate in one process and
-share whatever load the machine has. Trainer start-up and warm-up steps are not timed.
-
-Models are Llamas built from a config with random weights (nothing is downloaded). Every
-batch contains uniformly random token ids at full length, with no padding, served by
-``TARDataModule``'s own dataloader from pools of random tokens. The built-in world is not
-used, so each model size can have the vocabulary it needs.
-"""
+"""Workload of the benchmark: random models and data, the floor step, and the interleaved timer."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import logging
 import math
-import os
-import platform
 import resource
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
-import lightning as L  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-from tar_lightning.adversaries import default_adversaries  # noqa: E402
-from tar_lightning.data.datamodule import TARDataModule  # noqa: E402
-from tar_lightning.data.sources import TextSource, TokenPool  # noqa: E402
-from tar_lightning.inner_loop import tr_step_weights  # noqa: E402
-from tar_lightning.losses import negative_entropy_loss, next_token_loss, representation_distance  # noqa: E402
-from tar_lightning.models import LlamaSize, build_llama, load_causal_lm  # noqa: E402
-from tar_lightning.module import TARModule  # noqa: E402
+from tar_lightning.adversaries import default_adversaries
+from tar_lightning.bench.summary import TARGET_MAX_RATIO, TARGET_RATIO_FROM_INNER_STEPS
+from tar_lightning.data.datamodule import TARDataModule
+from tar_lightning.data.sources import TextSource, TokenPool
+from tar_lightning.inner_loop import tr_step_weights
+from tar_lightning.losses import (
+    negative_entropy_loss,
+    next_token_loss,
+    representation_distance,
+)
+from tar_lightning.models import LlamaSize, build_llama, load_causal_lm
+from tar_lightning.module import TARModule
 
 log = logging.getLogger(__name__)
-
-# Pass/fail lines reported next to the measurements; they never change what is measured.
-TARGET_MAX_RATIO = 1.10
-TARGET_RATIO_FROM_INNER_STEPS = 8
-TARGET_MAX_LINEARITY_DEVIATION = 0.10
-
-# The plan that runs when neither --model-size nor --inner-steps is given.
-DEFAULT_PLAN: list[tuple[str, list[int]]] = [("2M", [4, 8, 16, 32]), ("30M", [8])]
-QUICK_PLAN: list[tuple[str, list[int]]] = [("tiny", [2, 4])]
-DEFAULT_INNER_STEPS = [4, 8, 16, 32]
-# Default of each numeric option: (normal, with --quick).
-SETTING_DEFAULTS: dict[str, tuple[int, int]] = {
-    "tr_every": (4, 2),
-    "batch_size": (8, 2),
-    "seq_len": (64, 16),
-    "repeats": (5, 3),
-    "warmup": (1, 1),
-}
-MATMUL_SIZES = {"cpu": 2048, "cuda": 8192}
-MATMUL_SIZE_QUICK = 256
 
 ADVERSARY_SOURCES = ("forget_a", "forget_b", "retain")
 POOL_ROWS = 256
@@ -571,39 +523,6 @@ def summarize_configuration(
     }
 
 
-def linear_fit(inner_steps: list[int], seconds: list[float]) -> dict:
-    """Fit seconds = intercept + slope * K; the deviation is max |measured - fit| / fit.
-
-    The deviation is ``None`` with fewer than three values of K, where a line fits exactly.
-    """
-    slope, intercept = np.polyfit(np.asarray(inner_steps, dtype=float), np.asarray(seconds, dtype=float), 1)
-    fitted = intercept + slope * np.asarray(inner_steps, dtype=float)
-    deviation = float(np.max(np.abs(np.asarray(seconds) - fitted) / fitted)) if len(inner_steps) >= 3 else None
-    return {"slope_s_per_inner_step": float(slope), "intercept_s": float(intercept), "max_relative_deviation": deviation}
-
-
-def summarize_scaling(results: list[dict]) -> dict:
-    """Time per outer step and ratio over K, with linear fits, for each model size with two or more K."""
-    scaling = {}
-    for name in dict.fromkeys(r["model_size"] for r in results):
-        rows = sorted((r for r in results if r["model_size"] == name), key=lambda r: r["inner_steps"])
-        if len(rows) < 2:
-            continue
-        ks = [r["inner_steps"] for r in rows]
-        tar_fit = linear_fit(ks, [r["tar"]["median_s"] for r in rows])
-        deviation = tar_fit["max_relative_deviation"]
-        scaling[name] = {
-            "inner_steps": ks,
-            "tar_median_s": [r["tar"]["median_s"] for r in rows],
-            "floor_median_s": [r["floor"]["median_s"] for r in rows],
-            "ratio": [r["ratio"] for r in rows],
-            "tar_fit": tar_fit,
-            "floor_fit": linear_fit(ks, [r["floor"]["median_s"] for r in rows]),
-            "meets_linearity_target": deviation <= TARGET_MAX_LINEARITY_DEVIATION if deviation is not None else None,
-        }
-    return scaling
-
-
 def measure_matmul_peak(n: int, repeats: int, device: torch.device) -> float:
     """Return the best float32 FLOP/s of an n x n matrix multiply, the peak that MFU is measured against."""
     clock = make_clock(device)
@@ -617,320 +536,3 @@ def measure_matmul_peak(n: int, repeats: int, device: torch.device) -> float:
         torch.mm(a, b, out=out)
         best = min(best, clock() - start)
     return 2 * n**3 / best
-
-
-def warn_if_cpu_busy(device: torch.device, load_average: tuple[float, float, float] | None) -> None:
-    """Log a warning when other processes already keep CPU cores busy on a CPU run.
-
-    On a 2-core machine with one core busy, 2 torch threads slowed the 2M model's outer step
-    at K=8 from 0.9 s (1 thread) to 16 s, and made the ratio meaningless.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type != "cpu" or load_average is None or not cpus:
-        return
-    busy = round(load_average[0])
-    threads = torch.get_num_threads()
-    if threads > 1 and busy >= 1 and busy + threads > cpus:
-        log.warning(
-            "load average %.1f on %d CPUs: other processes are busy, and %d torch threads will compete with them; "
-            "timings can be many times slower and noisy. Pass --threads %d or fewer for stable numbers",
-            load_average[0],
-            cpus,
-            threads,
-            max(cpus - busy, 1),
-        )
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value}")
-    return value
-
-
-def _default_help(key: str) -> str:
-    normal, quick = SETTING_DEFAULTS[key]
-    return f"(default: {normal}; {quick} with --quick)"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tar_lightning.bench",
-        description=(
-            "Time the real TAR outer step (TARModule.training_step in a Lightning Trainer) against its floor: "
-            "the same forward and backward passes as plain training with torch.optim.AdamW, interleaved in one process. "
-            "Models have random weights and batches contain random token ids."
-        ),
-    )
-
-    sizes = ", ".join(
-        f"{name} (hidden {m.size.hidden_size}, {m.size.num_layers} layers, {m.size.num_heads} heads, "
-        f"MLP {m.size.intermediate_size}, vocabulary {m.vocab_size})"
-        for name, m in MODEL_SIZES.items()
-    )
-    default_plan = "; ".join(f"{name} at K = {' '.join(map(str, ks))}" for name, ks in DEFAULT_PLAN)
-    parser.add_argument(
-        "--model-size",
-        nargs="+",
-        choices=list(MODEL_SIZES),
-        metavar="SIZE",
-        help=(
-            f"model sizes to measure: {sizes}. Without this and --inner-steps the default plan runs: {default_plan}. "
-            f"With only --inner-steps: {' and '.join(name for name, _ in DEFAULT_PLAN)} ({QUICK_PLAN[0][0]} with --quick)"
-        ),
-    )
-    parser.add_argument(
-        "--inner-steps",
-        nargs="+",
-        type=_positive_int,
-        metavar="K",
-        help=(
-            "values of K, inner (adversary) steps per outer step, measured for every model size "
-            f"(default: {' '.join(map(str, DEFAULT_INNER_STEPS))}; {' '.join(map(str, QUICK_PLAN[0][1]))} with --quick)"
-        ),
-    )
-    parser.add_argument(
-        "--tr-every",
-        type=_positive_int,
-        help=f"take the tamper-resistance loss every this many inner steps {_default_help('tr_every')}",
-    )
-
-    parser.add_argument("--batch-size", type=_positive_int, help=f"sequences per batch of every pass {_default_help('batch_size')}")
-    parser.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence, at least 2 {_default_help('seq_len')}")
-    parser.add_argument(
-        "--repeats",
-        type=_positive_int,
-        help=f"timed TAR outer steps per configuration, each followed by one floor step {_default_help('repeats')}",
-    )
-    parser.add_argument(
-        "--warmup", type=_non_negative_int, help=f"untimed TAR and floor steps before timing starts {_default_help('warmup')}"
-    )
-    parser.add_argument("--vocab-size", type=_positive_int, help="vocabulary size for every model size (default: each size's own)")
-
-    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device to run on; auto picks CUDA when available (default: auto)")
-    parser.add_argument(
-        "--matmul-size",
-        type=_positive_int,
-        help=(
-            "n of the n x n float32 matrix multiply whose speed is the MFU peak "
-            f"(default: {MATMUL_SIZES['cpu']} on CPU, {MATMUL_SIZES['cuda']} on CUDA; {MATMUL_SIZE_QUICK} with --quick)"
-        ),
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of model weights and random tokens (default: 0)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("checkpoints/bench/bench.json"),
-        help="JSON file the results are written to (default: checkpoints/bench/bench.json)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="seconds-long smoke run with the --quick defaults above; options given explicitly still apply",
-    )
-    return parser
-
-
-def resolve_plan(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
-    """Return the (model size, K values) pairs to measure."""
-    if args.model_size is None and args.inner_steps is None:
-        return QUICK_PLAN if args.quick else DEFAULT_PLAN
-    default_ks = QUICK_PLAN[0][1] if args.quick else DEFAULT_INNER_STEPS
-    default_sizes = [QUICK_PLAN[0][0]] if args.quick else [name for name, _ in DEFAULT_PLAN]
-    ks = sorted(set(args.inner_steps or default_ks))
-    return [(name, ks) for name in dict.fromkeys(args.model_size or default_sizes)]
-
-
-def _setting(args: argparse.Namespace, key: str) -> int:
-    value = getattr(args, key)
-    if value is not None:
-        return value
-    normal, quick = SETTING_DEFAULTS[key]
-    return quick if args.quick else normal
-
-
-def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, plan: list[tuple[str, list[int]]]) -> Settings:
-    """Apply the defaults (the --quick ones with --quick) and reject invalid combinations."""
-    tr_every = _setting(args, "tr_every")
-    smallest_k = min(k for _, ks in plan for k in ks)
-    if tr_every > smallest_k:
-        parser.error(f"--tr-every {tr_every} is larger than the smallest --inner-steps value {smallest_k}; lower --tr-every")
-    seq_len = _setting(args, "seq_len")
-    if seq_len < 2:
-        parser.error(f"--seq-len must be at least 2 for a next-token loss, got {seq_len}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
-    # NOTE: only the CPU path has been run; the CUDA path (synchronising clock, CUDA memory
-    # statistics, "gpu" Trainer) is untested.
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    return Settings(
-        tr_every=tr_every,
-        batch_size=_setting(args, "batch_size"),
-        seq_len=seq_len,
-        repeats=_setting(args, "repeats"),
-        warmup=_setting(args, "warmup"),
-        vocab_size=args.vocab_size,
-        device=device,
-        seed=args.seed,
-    )
-
-
-def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f}"
-
-
-def format_report(report: dict) -> str:
-    """Readable tables of a finished run."""
-    lines = [
-        f"TAR outer step vs floor, {report['machine']['device']}, torch {report['machine']['torch']}, "
-        f"{report['machine']['torch_threads']} threads, matmul peak {report['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
-        "",
-        f"{'model':>5} {'params':>11} {'K':>3} {'TR':>3} {'TAR s':>8} {'floor s':>8} {'ratio':>6} {'loop':>6} "
-        f"{'MFU TAR':>8} {'MFU flr':>8} {'MiB base':>8} {'MiB TAR':>8} {'MiB flr':>8}",
-    ]
-    for r in report["results"]:
-        loop = "-" if r["loop_ratio"] is None else f"{r['loop_ratio']:.3f}"
-        lines.append(
-            f"{r['model_size']:>5} {r['parameters']:>11,} {r['inner_steps']:>3} {r['tr_passes']:>3} "
-            f"{r['tar']['median_s']:>8.3f} {r['floor']['median_s']:>8.3f} {r['ratio']:>6.3f} {loop:>6} "
-            f"{r['mfu']['tar']:>8.1%} {r['mfu']['floor']:>8.1%} "
-            f"{_mib(r['memory']['baseline_bytes']):>8} {_mib(r['memory']['tar_peak_bytes']):>8} "
-            f"{_mib(r['memory']['floor_peak_bytes']):>8}"
-        )
-    lines += ["", "Median seconds per phase (TAR: inner loop, retain forward, outer backward and update, other; floor: adversary, TR, retain)"]
-    for r in report["results"]:
-        t, f = r["tar"]["phases_median_s"], r["floor"]["phases_median_s"]
-        lines.append(
-            f"{r['model_size']:>5} K={r['inner_steps']:<3} TAR {t['tamper_resistance_gradient']:.3f} {t['retain_loss']:.3f} "
-            f"{t['outer_step']:.3f} {t['other']:.3f} | floor {f['adversary']:.3f} {f['tamper_resistance']:.3f} {f['retain']:.3f}"
-        )
-    lines += ["", "Tokens per second (floor per pass kind; TAR per outer step)"]
-    for r in report["results"]:
-        tps = r["tokens_per_second"]
-        lines.append(
-            f"{r['model_size']:>5} K={r['inner_steps']:<3} adversary {tps['floor_adversary_step']:,.0f}  "
-            f"TR {tps['floor_tamper_resistance_pass']:,.0f}  retain {tps['floor_retain_pass']:,.0f}  "
-            f"TAR step {tps['tar_outer_step']:,.0f}  floor step {tps['floor_outer_step']:,.0f}"
-        )
-    for name, s in report["scaling"].items():
-        fit = s["tar_fit"]
-        deviation = "-" if fit["max_relative_deviation"] is None else f"{fit['max_relative_deviation']:.1%}"
-        lines += [
-            "",
-            f"Scaling over K, {name}: TAR s = {fit['intercept_s']:.3f} + {fit['slope_s_per_inner_step']:.4f} * K, "
-            f"max deviation from the line {deviation}",
-            "  K:     " + " ".join(f"{k:>7}" for k in s["inner_steps"]),
-            "  TAR s: " + " ".join(f"{v:>7.3f}" for v in s["tar_median_s"]),
-            "  ratio: " + " ".join(f"{v:>7.3f}" for v in s["ratio"]),
-        ]
-    lines += [
-        "",
-        f"Targets: ratio <= {TARGET_MAX_RATIO} at K >= {TARGET_RATIO_FROM_INNER_STEPS}; "
-        f"TAR time linear in K within {TARGET_MAX_LINEARITY_DEVIATION:.0%}. "
-        "MFU is an estimate (6 * params * tokens per forward and backward).",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print its tables, write its JSON and return the report."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    plan = resolve_plan(args)
-    settings = resolve_settings(args, parser, plan)
-    transformers.utils.logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        report = run_plan(args, plan, settings, argv)
-    finally:
-        torch.set_num_threads(threads)
-    print(format_report(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
-    return report
-
-
-def run_plan(args: argparse.Namespace, plan: list[tuple[str, list[int]]], settings: Settings, argv: list[str]) -> dict:
-    """Measure the matmul peak and every configuration of ``plan``; return the report."""
-    started = time.perf_counter()
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    warn_if_cpu_busy(settings.device, load_start)
-    matmul_size = args.matmul_size
-    if matmul_size is None:
-        matmul_size = MATMUL_SIZE_QUICK if args.quick else MATMUL_SIZES[settings.device.type]
-    peak_flops = measure_matmul_peak(matmul_size, repeats=5, device=settings.device)
-    log.info("matmul peak %.1f GFLOP/s (n=%d)", peak_flops / 1e9, matmul_size)
-
-    results = []
-    with tempfile.TemporaryDirectory(prefix="tar-bench-") as workdir:
-        root = Path(workdir)
-        for name, ks in plan:
-            models = save_random_models(name, settings, root)
-            for k in ks:
-                log.info("measuring %s (%d parameters) at K=%d", name, models[2], k)
-                results.append(measure_configuration(name, k, models, settings, peak_flops, root))
-
-    report = {
-        "command": shlex.join(["python", "-m", "tar_lightning.bench", *argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
-        "machine": {**machine_info(settings.device), "load_average_start": load_start,
-                    "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "settings": {
-            "tr_every": settings.tr_every,
-            "batch_size": settings.batch_size,
-            "seq_len": settings.seq_len,
-            "repeats": settings.repeats,
-            "warmup": settings.warmup,
-            "data": "uniformly random token ids, full length, no padding",
-            "weights": "random (LlamaForCausalLM built from a config)",
-            "floor_optimizer": "torch.optim.AdamW with torch's default implementation choice",
-        },
-        "matmul_peak_flops": peak_flops,
-        "matmul_size": matmul_size,
-        "targets": {
-            "max_ratio": TARGET_MAX_RATIO,
-            "ratio_from_inner_steps": TARGET_RATIO_FROM_INNER_STEPS,
-            "max_linearity_deviation": TARGET_MAX_LINEARITY_DEVIATION,
-        },
-        "results": results,
-        "scaling": summarize_scaling(results),
-    }
-    return report
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    main()
