@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import transformers
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from tar_lightning import pipeline
 from tar_lightning.data.datamodule import TARDataModule
+from tar_lightning.errors import ConfigError
 from tar_lightning.models import is_saved_model, save_model
 from tar_lightning.module import TARModule
 from tar_lightning.pipeline import PipelineConfig
@@ -46,7 +48,7 @@ class TARLightningCLI(LightningCLI):
         if self.trainer.max_steps is None or self.trainer.max_steps < 1:
             problems.append(f"trainer.max_steps must be a positive number of outer steps, got {self.trainer.max_steps}")
         if problems:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+            raise ConfigError.from_problems("invalid configuration", problems)
 
     def before_fit(self) -> None:
         config = self._pipeline()
@@ -59,10 +61,16 @@ class TARLightningCLI(LightningCLI):
         pipeline.apply_safeguard(config)
         # The subcommand's keyword arguments are read from config_init after this hook.
         subcommand_config = self.config_init[self.subcommand]
-        if config.resume and subcommand_config.get("ckpt_path") is None:
-            subcommand_config["ckpt_path"] = "last"
-        resume = " (resuming from the last checkpoint if there is one)" if config.resume else ""
-        log.info("tar: training up to outer step %d%s", self.trainer.max_steps, resume)
+        last = [
+            Path(callback.dirpath) / "last.ckpt"
+            for callback in self.trainer.checkpoint_callbacks
+            if getattr(callback, "dirpath", None) and (Path(callback.dirpath) / "last.ckpt").is_file()
+        ]
+        if config.resume and subcommand_config.get("ckpt_path") is None and last:
+            subcommand_config["ckpt_path"] = str(last[0])
+            log.info("tar: resuming from %s; training ends at outer step %d", last[0], self.trainer.max_steps)
+        else:
+            log.info("tar: training for %d outer steps", self.trainer.max_steps)
 
     def after_fit(self) -> None:
         config = self._pipeline()
@@ -81,6 +89,8 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> TARLightningCLI
     """Parse ``args`` (``sys.argv`` when ``None``) and, when ``run`` is set, run the subcommand."""
     # Weight loading bars of transformers would print once per attack; our stages have their own.
     transformers.utils.logging.disable_progress_bar()
+    # TARModule.on_save_checkpoint stores the weights itself, so this advice does not apply.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     # Let configs write ${pipeline.run_dir} although their keys sit under the "fit" subcommand.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return TARLightningCLI(
@@ -96,7 +106,11 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> TARLightningCLI
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``tar-lightning``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    make_cli(args)
+    try:
+        make_cli(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

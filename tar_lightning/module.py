@@ -22,6 +22,7 @@ import numpy as np
 import schedulefree
 import torch
 
+from tar_lightning.errors import ConfigError
 from tar_lightning.adversaries import AdversaryConfig, SampledAdversary, default_adversaries, sample_adversary
 from tar_lightning.evaluation.mcq import multiple_choice_accuracy
 from tar_lightning.inner_loop import (
@@ -106,7 +107,7 @@ class TARModule(L.LightningModule):
         self.hparams["adversaries"] = [asdict(a) for a in self.adversaries]
         problems = self.validate_arguments()
         if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+            raise ConfigError.from_problems("invalid model config", problems)
         self.tr_weights = tr_step_weights(inner_steps, tr_every, step_weighting)
         self.rng = np.random.default_rng(seed)
         self.batch_generator = torch.Generator().manual_seed(seed)
@@ -155,7 +156,7 @@ class TARModule(L.LightningModule):
             raise RuntimeError("TARModule needs a datamodule with adversary_pools, such as TARDataModule")
         problems = self.validate_arguments(set(pools))
         if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+            raise ConfigError.from_problems("invalid model config", problems)
 
     def configure_optimizers(self):
         return schedulefree.AdamWScheduleFree(

@@ -193,7 +193,10 @@ def pretrain_base(config: PipelineConfig) -> Path:
         forget = multiple_choice_accuracy(model, tokenizer, questions["forget"]).value
         retain = multiple_choice_accuracy(model, tokenizer, questions["retain"]).value
         log.info("base model: step %d, forget accuracy %.3f, retain accuracy %.3f", step + 1, forget, retain)
-        return min(forget, retain) >= config.base.target_accuracy
+        reached = min(forget, retain) >= config.base.target_accuracy
+        if reached:
+            log.info("base model: both accuracies reached %.2f, stopping pretraining", config.base.target_accuracy)
+        return reached
 
     finetune(
         model,

@@ -60,6 +60,8 @@ def test_tiny_run_end_to_end(tmp_path):
 def test_bad_override_fails_before_any_stage(tmp_path):
     run_dir = tmp_path / "run"
     result = _run(run_dir, "--model.tr_every", "99")
-    assert result.returncode != 0
+    assert result.returncode == 2
+    assert "error: invalid model config" in result.stderr
     assert "model.tr_every" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (run_dir / "world").exists()

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from tar_lightning.errors import ConfigError
 from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, load_questions, load_texts
 from tar_lightning.models import load_tokenizer
 
@@ -72,7 +73,7 @@ class TARDataModule(L.LightningDataModule):
             if value < 1:
                 problems.append(f"data.{key} must be at least 1, got {value}")
         if problems:
-            raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+            raise ConfigError.from_problems("invalid data config", problems)
         self.tokenizer_path = tokenizer
         self.retain_source = retain
         self.tr_source = tamper_resistance

@@ -12,6 +12,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from tar_lightning.errors import ConfigError
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -63,8 +65,8 @@ def load_table(path: str, split: str = "train", subset: str | None = None) -> da
     if local.is_file():
         builder = _BUILDERS.get(local.suffix)
         if builder is None:
-            raise ValueError(f"unsupported data file {path!r}: use one of {sorted(_BUILDERS)}")
-        empty = ValueError(f"data file {path!r} is empty; point the source at a file with at least one row")
+            raise ConfigError(f"unsupported data file {path!r}: use one of {sorted(_BUILDERS)}")
+        empty = ConfigError(f"data file {path!r} is empty; point the source at a file with at least one row")
         with local.open("rb") as handle:
             if not any(line.strip() for line in handle):
                 raise empty
@@ -87,14 +89,14 @@ def load_table(path: str, split: str = "train", subset: str | None = None) -> da
 def _checked(table: datasets.Dataset, path: str, columns: list[str], max_rows: int | None) -> datasets.Dataset:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {path!r} has no column {missing[0]!r} (columns: {table.column_names}); "
             "set the source's column option to the right name"
         )
     if max_rows is not None:
         table = table.select(range(min(max_rows, len(table))))
     if len(table) == 0:
-        raise ValueError(f"dataset {path!r} is empty; point the source at a file with at least one row")
+        raise ConfigError(f"dataset {path!r} is empty; point the source at a file with at least one row")
     return table
 
 
@@ -113,7 +115,7 @@ def load_questions(source: QuestionSource) -> list[dict]:
         choices = list(row[source.choices_column])
         answer = int(row[source.answer_column])
         if not 0 <= answer < len(choices):
-            raise ValueError(f"dataset {source.path!r} row {i}: answer {answer} is not an index into {len(choices)} choices")
+            raise ConfigError(f"dataset {source.path!r} row {i}: answer {answer} is not an index into {len(choices)} choices")
         rows.append({"question": str(row[source.question_column]), "choices": [str(c) for c in choices], "answer": answer})
     return rows
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tar_lightning.errors import ConfigError
 from tar_lightning.data.tokenizer import train_word_tokenizer
 
 FORGET_ATTRIBUTES: dict[str, list[str]] = {
@@ -183,7 +184,7 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     """
     problems = config.validate()
     if problems:
-        raise ValueError("invalid world config:\n  " + "\n  ".join(problems))
+        raise ConfigError.from_problems("invalid world config", problems)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
