@@ -119,7 +119,7 @@ def sample_adversary(adversaries: list[AdversaryConfig], inner_steps: int, rng: 
 
 
 def default_adversaries() -> list[AdversaryConfig]:
-    """The authors' mix: one third each of forget corpus A, forget corpus B and retain-then-forget."""
+    """Return the authors' mix: one third each of forget corpus A, forget corpus B and retain-then-forget."""
     return [
         AdversaryConfig(name="forget_a", forget_source="forget_a"),
         AdversaryConfig(name="forget_b", forget_source="forget_b"),

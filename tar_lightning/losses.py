@@ -85,8 +85,8 @@ def random_mapping_loss(
 def gradient_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
     """Return ``sum_p <p, g_p>`` with ``grads`` detached: a scalar whose gradient is ``grads``.
 
-    Adding it to a loss before ``backward()`` adds a precomputed gradient (such as the
-    tamper-resistance gradient) through autograd, where a data-parallel strategy averages it
-    across processes; writing into ``.grad`` after backward would skip that averaging.
+    Adding it to a loss before ``backward()`` adds a precomputed gradient, such as the
+    tamper-resistance gradient, through autograd. A data-parallel strategy then averages it
+    across processes, which writing into ``.grad`` after backward would skip.
     """
     return sum(torch.dot(p.flatten(), g.detach().flatten()) for p, g in zip(params, grads, strict=True))
