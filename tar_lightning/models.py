@@ -18,7 +18,7 @@ class LlamaSize:
         num_layers: Number of decoder layers.
         num_heads: Attention heads per layer (key-value heads are the same number).
         intermediate_size: Width of each MLP.
-        max_position_embeddings: Longest sequence the rotary embedding is set up for.
+        max_position_embeddings: Maximum sequence length the rotary embedding is set up for.
         tie_word_embeddings: Share one matrix between the input embedding and the output head.
     """
 
@@ -74,6 +74,6 @@ def save_model(model, tokenizer, path: str | Path) -> Path:
 
 
 def is_saved_model(path: str | Path) -> bool:
-    """Whether ``path`` holds a complete saved model (config and weights)."""
+    """Return whether ``path`` contains a complete saved model (config and weights)."""
     path = Path(path)
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))

@@ -23,7 +23,7 @@ class TextSource:
 
     Args:
         path: Local file or folder (JSONL, JSON, CSV, Parquet) or a hub dataset name.
-        column: Column that holds the text.
+        column: Column that contains the text.
         split: Split to read; local files have the single split ``train``.
         subset: Hub configuration name, if the dataset has several.
         max_rows: Read at most this many rows (all when ``None``).
@@ -115,7 +115,10 @@ def load_questions(source: QuestionSource) -> list[dict]:
         choices = list(row[source.choices_column])
         answer = int(row[source.answer_column])
         if not 0 <= answer < len(choices):
-            raise ConfigError(f"dataset {source.path!r} row {i}: answer {answer} is not an index into {len(choices)} choices")
+            raise ConfigError(
+                f"dataset {source.path!r} row {i}: answer {answer} is out of range for {len(choices)} choices; "
+                "fix the answer column"
+            )
         rows.append({"question": str(row[source.question_column]), "choices": [str(c) for c in choices], "answer": answer})
     return rows
 

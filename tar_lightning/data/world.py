@@ -119,13 +119,13 @@ WORLD_FILES = {
 }
 
 
-def _make_names(count: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
+def _make_names(count: int, rng: np.random.Generator, used_names: set[str]) -> list[str]:
     names: list[str] = []
     while len(names) < count:
         syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(int(rng.integers(2, 4)))]
         name = "".join(syllables) + rng.choice(_CODAS)
-        if name not in taken:
-            taken.add(name)
+        if name not in used_names:
+            used_names.add(name)
             names.append(name)
     return names
 
@@ -189,16 +189,16 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
 
-    taken = set(v for values in (*FORGET_ATTRIBUTES.values(), *RETAIN_ATTRIBUTES.values()) for v in values)
+    used_names = set(v for values in (*FORGET_ATTRIBUTES.values(), *RETAIN_ATTRIBUTES.values()) for v in values)
     group_sizes = {
         "eval": config.eval_organisms,
         "adversary_a": config.adversary_organisms,
         "adversary_b": config.adversary_organisms,
         "tamper_resistance": config.tamper_resistance_organisms,
     }
-    organisms = {group: _assign(_make_names(n, rng, taken), FORGET_ATTRIBUTES, rng) for group, n in group_sizes.items()}
-    eval_cities = _assign(_make_names(config.eval_cities, rng, taken), RETAIN_ATTRIBUTES, rng)
-    extra_cities = _assign(_make_names(config.extra_cities, rng, taken), RETAIN_ATTRIBUTES, rng)
+    organisms = {group: _assign(_make_names(n, rng, used_names), FORGET_ATTRIBUTES, rng) for group, n in group_sizes.items()}
+    eval_cities = _assign(_make_names(config.eval_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
+    extra_cities = _assign(_make_names(config.extra_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
     all_organisms = {e: f for group in organisms.values() for e, f in group.items()}
     all_cities = {**eval_cities, **extra_cities}
 

@@ -3,7 +3,7 @@
 Each option is scored as a continuation of the question: the question and ``" " + option`` are
 tokenized together, exactly as running text is, and the option's score is the summed
 log-probability of the tokens after the question's own tokens. Sequences are padded on the
-right, so under the causal mask no real position sees padding and the scores do not depend
+right, so under the causal mask no real position attends to padding and the scores do not depend
 on the batch size.
 """
 
@@ -44,17 +44,20 @@ def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: 
         raise ValueError("no questions to score")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
     sequences, owners = [], []
     for qi, row in enumerate(questions):
         for ci, choice in enumerate(row["choices"]):
             sequences.append(_continuation_ids(tokenizer, row["question"], choice))
             owners.append((qi, ci))
+
     width = max(len(row["choices"]) for row in questions)
     scores = torch.full((len(questions), width), float("-inf"))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
+
     for begin in range(0, len(sequences), batch_size):
         chunk = sequences[begin : begin + batch_size]
         length = max(len(ids) for ids, _ in chunk)
@@ -71,12 +74,13 @@ def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: 
             picked = log_probs.gather(-1, targets[:, None])
             qi, ci = owners[begin + i]
             scores[qi, ci] = picked.sum()
+
     model.train(was_training)
     return scores
 
 
 def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 256) -> Accuracy:
-    """Fraction of ``questions`` whose highest-likelihood option is the answer."""
+    """Return the fraction of ``questions`` whose highest-likelihood option is the correct one."""
     if not questions:
         raise ValueError("no questions to score")
     scores = choice_log_likelihoods(model, tokenizer, questions, batch_size)
