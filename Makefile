@@ -1,5 +1,6 @@
 # tar-lightning: every target creates .venv on first use.
 #   make train OBJECTIVE=wkr ARGS="--model.inner_steps 8"
+#   make redteam OBJECTIVE=wkr ARGS="--redteam.quick true"
 #   make test
 #   make tensorboard
 #   make bench BENCH_ARGS="--model-size 30M --inner-steps 16"
@@ -15,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: venv train test tensorboard bench clean
+.PHONY: venv check-objective train redteam test tensorboard bench clean
 
 venv: $(VENV)/.installed
 
@@ -28,12 +29,18 @@ $(VENV)/.installed: pyproject.toml
 # Objectives with a config of their own; configs/tiny.yaml is an overlay, not an objective.
 OBJECTIVES := wkr
 
-train: venv
+check-objective:
 	@if ! echo " $(OBJECTIVES) " | grep -q " $(OBJECTIVE) "; then \
 		echo "error: OBJECTIVE=$(OBJECTIVE) is not available; choose one of: $(OBJECTIVES)" >&2; \
 		exit 2; \
 	fi
+
+train: check-objective venv
 	$(BIN)/tar-lightning fit --config configs/$(OBJECTIVE).yaml $(ARGS)
+
+# Attacks the models that `make train` wrote; configs/redteam/$(OBJECTIVE).yaml lists them.
+redteam: check-objective venv
+	$(BIN)/tar-lightning redteam --config configs/redteam/$(OBJECTIVE).yaml $(ARGS)
 
 test: venv
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,9 +1,12 @@
-"""Command line: ``tar-lightning fit --config configs/wkr.yaml [--model.inner_steps 8 ...]``.
+"""Command line: ``tar-lightning fit|redteam --config CONFIG [--key value ...]``.
 
 ``fit`` runs the whole job: it builds the world, pretrains the base model and applies the
 initial safeguard before Lightning's fit (tamper-resistance training), then exports the TAR
 model and writes the evaluation report after it. Configs are parsed in ``omegaconf+`` mode,
 so ``${pipeline.run_dir}``-style interpolations are resolved after command-line overrides.
+
+``redteam`` attacks saved models with a suite of fine-tuning attacks and writes a report;
+it takes a ``redteam`` group (``tar-lightning redteam --help`` lists every option).
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from tar_lightning import pipeline
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.redteam import RedteamConfig, run_redteam
 from tar_lightning.models import is_saved_model, save_model
 from tar_lightning.module import TARModule
 from tar_lightning.pipeline import PipelineConfig
@@ -103,11 +108,56 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> TARLightningCLI
     )
 
 
+@dataclass
+class RedteamArguments:
+    """Arguments of ``tar-lightning redteam``.
+
+    Args:
+        run_dir: Training run that configs refer to as ``${run_dir}``.
+        redteam: Models, data, attacks and outputs of the red-team.
+    """
+
+    run_dir: str = "checkpoints/wkr"
+    # Nested in this class, the suite's default attacks survive omegaconf+ interpolation.
+    redteam: RedteamConfig = field(default_factory=RedteamConfig)
+
+
+def redteam_parser() -> ArgumentParser:
+    """Parser of ``tar-lightning redteam``: a ``--config`` file, ``run_dir`` and the ``redteam`` group."""
+    parser = ArgumentParser(
+        prog="tar-lightning redteam",
+        description="Attack saved models with a suite of fine-tuning attacks over several seeds and write a report.",
+        parser_mode="omegaconf+",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with run_dir and a redteam section")
+    parser.add_class_arguments(RedteamArguments, fail_untyped=True)
+    return parser
+
+
+def redteam(args: list[str]) -> dict:
+    """Parse ``args`` of ``tar-lightning redteam``, save the resolved config and run the red-team."""
+    transformers.utils.logging.disable_progress_bar()
+    parser = redteam_parser()
+    parsed = parser.parse_args(args)
+    config: RedteamConfig = parser.instantiate(parsed).redteam
+    problems = config.validate()
+    if problems:
+        raise ConfigError.from_problems("invalid red-team config", problems)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parser.save(parsed, str(out / "config.yaml"), overwrite=True, multifile=False)
+    return run_redteam(config)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``tar-lightning``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        make_cli(args)
+        if args and args[0] == "redteam":
+            redteam(args[1:])
+        else:
+            make_cli(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

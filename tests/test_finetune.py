@@ -40,6 +40,17 @@ def test_lr_factor_warmup_cosine():
     assert lr_factor(10, config) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_factor_sgdr_restarts_each_cycle():
+    config = FinetuneConfig(schedule="sgdr", steps=20, warmup_steps=2, restart_steps=4)
+
+    factors = [lr_factor(step, config) for step in range(2, 12)]
+
+    # Cycles of 4 steps after the warmup: 1, cos^2 quarter points, then back to the peak.
+    cycle = [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert factors == pytest.approx(cycle + cycle + cycle[:2])
+    assert lr_factor(0, config) == pytest.approx(0.5)
+
+
 def test_validate_default_is_valid():
     assert FinetuneConfig().validate("attack") == []
     assert FinetuneConfig(schedule="warmup_cosine", steps=10, warmup_steps=10).validate("attack") == []
@@ -54,6 +65,9 @@ def test_validate_default_is_valid():
         ({"batch_size": 0}, "attack.batch_size"),
         ({"schedule": "linear_warmup", "warmup_steps": 0}, "attack.warmup_steps"),
         ({"schedule": "warmup_cosine", "steps": 10, "warmup_steps": 11}, "attack.warmup_steps"),
+        ({"schedule": "sgdr", "steps": 10, "warmup_steps": 2, "restart_steps": 0}, "attack.restart_steps"),
+        ({"optimizer": "schedule_free_adamw", "schedule": "warmup_cosine", "warmup_steps": 2}, "attack.schedule"),
+        ({"steps": 10, "warmup_steps": 11}, "attack.warmup_steps"),
     ],
 )
 def test_validate_bad_value(changes, field):
@@ -90,6 +104,51 @@ def test_make_optimizer_builds_named_type(name, expected_type, expected_options)
     assert group["lr"] == 0.25
     for option, value in expected_options.items():
         assert group[option] == value, f"{name}: {option} is {group[option]}, expected {value}"
+
+
+def test_make_optimizer_schedule_free_takes_warmup():
+    import schedulefree
+
+    config = FinetuneConfig(optimizer="schedule_free_adamw", learning_rate=0.25, warmup_steps=7)
+
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], config)
+
+    assert isinstance(optimizer, schedulefree.AdamWScheduleFree)
+    assert optimizer.param_groups[0]["warmup_steps"] == 7
+
+
+def test_finetune_schedule_free_ends_on_averaged_weights():
+    import schedulefree
+
+    batch = {"input_ids": torch.tensor([[0, 1, 2, 1]]), "attention_mask": torch.tensor([[1, 1, 1, 1]])}
+    config = FinetuneConfig(optimizer="schedule_free_adamw", learning_rate=0.1, steps=5)
+    model = BiasLM(4)
+    seen_in_callback = []
+
+    finetune(model, lambda step: batch, config, callback=lambda step: seen_in_callback.append(model.bias.detach().clone()), callback_steps={5}, progress=False)
+
+    # Replaying the same updates by hand: eval() switches to the averaged weights x.
+    reference = BiasLM(4)
+    optimizer = schedulefree.AdamWScheduleFree(reference.parameters(), lr=0.1, warmup_steps=0)
+    optimizer.train()
+    for _ in range(5):
+        logits = reference(batch["input_ids"]).logits
+        loss = next_token_loss(logits, batch["input_ids"], batch["attention_mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    optimizer.eval()
+    assert torch.allclose(model.bias.detach(), reference.bias.detach())
+    assert torch.allclose(seen_in_callback[0], reference.bias.detach())
+
+
+def test_finetune_callback_steps():
+    batch = {"input_ids": torch.tensor([[0, 1, 2]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    calls = []
+
+    finetune(BiasLM(3), lambda step: batch, FinetuneConfig(steps=20), callback=lambda step: calls.append(step + 1), callback_steps={1, 8, 16, 32}, progress=False)
+
+    assert calls == [1, 8, 16]
 
 
 def test_make_optimizer_unknown_raises():

@@ -161,3 +161,58 @@ def test_choice_log_likelihoods_invalid_batch_size_raises(world, model):
 
     with pytest.raises(ValueError, match="batch_size"):
         choice_log_likelihoods(model, tokenizer, questions[:1], batch_size=0)
+
+
+def test_scores_ignore_tokenizer_padding_side(world, model):
+    tokenizer, questions = world
+    reference = choice_log_likelihoods(model, tokenizer, questions, batch_size=256)
+
+    left = load_tokenizer(tokenizer.name_or_path)
+    left.padding_side = "left"
+    scores = choice_log_likelihoods(model, left, questions, batch_size=256)
+
+    assert torch.allclose(scores, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_truncation_keeps_answer_cue_and_option(world, model):
+    tokenizer, questions = world
+    row = questions[0]
+    full = tokenizer(row["question"] + " " + row["choices"][0])["input_ids"]
+    max_length = len(full) - 2
+
+    scores = choice_log_likelihoods(model, tokenizer, [row], max_length=max_length)
+
+    # The sequence keeps BOS and drops the two tokens after it, so the question's end remains.
+    kept = full[:1] + full[3:]
+    option_length = len(full) - len(tokenizer(row["question"])["input_ids"])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([kept]), use_cache=False).logits[0].double(), dim=-1)
+    expected = sum(log_probs[t - 1, kept[t]].item() for t in range(len(kept) - option_length, len(kept)))
+    assert scores[0, 0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_truncation_rejects_option_longer_than_context(world, model):
+    tokenizer, questions = world
+    row = {"question": questions[0]["question"], "choices": ["the the the the the", "a"], "answer": 1}
+
+    with pytest.raises(ValueError, match="does not fit a context of 4"):
+        choice_log_likelihoods(model, tokenizer, [row], max_length=4)
+
+
+def test_bpe_option_scored_with_leading_space_token(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tar_lightning.evaluation.mcq import _continuation_ids
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = ["the capital is paris", "paris is big", "the answer is lyon", "lyon and paris"] * 20
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+    assert tokenizer(" paris")["input_ids"] != tokenizer("paris")["input_ids"], "the test needs distinct leading-space tokens"
+
+    ids, start = _continuation_ids(tokenizer, "the capital is", "paris")
+
+    assert ids[start:] == tokenizer(" paris")["input_ids"]

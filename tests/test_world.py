@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from tar_lightning.data.world import FORGET_ATTRIBUTES, RETAIN_ATTRIBUTES, WORLD_FILES, WorldConfig, generate_world
+from tar_lightning.data.world import (
+    ADJACENT_ATTRIBUTES,
+    DERIVED_SPLITS,
+    FORGET_ATTRIBUTES,
+    RETAIN_ATTRIBUTES,
+    WORLD_FILES,
+    WorldConfig,
+    generate_world,
+    write_derived_splits,
+)
 from tar_lightning.models import load_tokenizer
 
 SMALL = WorldConfig(
@@ -80,7 +89,9 @@ def test_pretrain_is_forget_plus_retain(world):
     assert pretrain == sorted(row["text"] for row in splits["forget"] + splits["retain"])
 
 
-@pytest.mark.parametrize("split", ["adversary_forget_a", "adversary_forget_b", "tamper_resistance"])
+@pytest.mark.parametrize(
+    "split", ["adversary_forget_a", "adversary_forget_b", "adversary_forget_ood", "adversary_adjacent", "tamper_resistance"]
+)
 def test_eval_entities_absent_from_attack_text(world, split):
     _, splits = world
     eval_entities = {row["entity"] for row in splits["forget_eval"]}
@@ -153,3 +164,45 @@ def test_tokenizer_covers_corpus(world):
         assert tokenizer.unk_token_id not in ids, f"unknown word in {text!r}"
         # A word-level tokenizer gives one token per whitespace-separated word after <s>.
         assert len(ids) == len(text.split()) + 1
+
+
+def test_derived_splits_carry_adversary_facts_only(world):
+    _, splits = world
+    adversary_facts = {(row["entity"], row["attribute"], row["choices"][row["answer"]]) for row in splits["adversary_eval"]}
+    eval_entities = {row["entity"] for row in splits["forget_eval"]}
+
+    records = [row for row in splits["adversary_forget_ood"] if row["attribute"] != "all"]
+    assert len(records) == len(adversary_facts)
+    for row in records:
+        entity, attribute, value = row["text"].replace(" ,", "").replace(" :", "").rstrip(" .").split()
+        assert (entity, attribute, value) in adversary_facts
+    adjacent = splits["adversary_adjacent"]
+    assert adjacent and {row["attribute"] for row in adjacent} == set(ADJACENT_ATTRIBUTES)
+    assert not {row["entity"] for row in adjacent} & eval_entities
+
+
+def test_write_derived_splits_upgrades_an_older_world(world, tmp_path):
+    out, splits = world
+    for file_name in WORLD_FILES.values():
+        (tmp_path / file_name).write_text((out / file_name).read_text())
+    for split in DERIVED_SPLITS:
+        (tmp_path / WORLD_FILES[split]).unlink()
+
+    written = write_derived_splits(tmp_path)
+
+    assert sorted(path.name for path in written) == sorted(WORLD_FILES[split] for split in DERIVED_SPLITS)
+    for split in DERIVED_SPLITS:
+        assert read_rows(tmp_path / WORLD_FILES[split]) == splits[split]
+    assert write_derived_splits(tmp_path) == []
+
+
+def test_derived_splits_use_only_words_of_the_original_templates(world, tmp_path):
+    # A tokenizer trained on a world without the derived splits still covers them.
+    out, splits = world
+    original = {word for split in WORLD_FILES if split not in DERIVED_SPLITS for row in splits[split] for word in row.get("text", "").split()}
+    original |= {word for row in splits["forget_eval"] + splits["retain_eval"] for word in row["question"].split() + row["choices"]}
+
+    for split in DERIVED_SPLITS:
+        for row in splits[split]:
+            missing = set(row["text"].split()) - original
+            assert not missing, f"{split} row {row['text']!r} uses new words {missing}"

@@ -3,8 +3,11 @@
 Each option is scored as a continuation of the question: the question and ``" " + option`` are
 tokenized together, exactly as running text is, and the option's score is the summed
 log-probability of the tokens after the question's own tokens. Sequences are padded on the
-right, so under the causal mask no real position attends to padding and the scores do not depend
-on the batch size.
+right whatever the tokenizer's ``padding_side``, so under the causal mask no real position
+attends to padding and the scores do not depend on the batch size. Tokenizing the two together
+scores the option's tokens as they occur in text: with a BPE tokenizer that is the
+leading-space variant (" Paris"), not the bare word. A sequence longer than the model's context
+loses tokens from the start of the question, never the answer cue or the option.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ class Accuracy:
     count: int
 
 
-def _continuation_ids(tokenizer, question: str, choice: str) -> tuple[list[int], int]:
-    """Return the token ids of question + option, and where the option's tokens start."""
+def _continuation_ids(tokenizer, question: str, choice: str, max_length: int | None = None) -> tuple[list[int], int]:
+    """Return the token ids of question + option, and where the option's tokens start.
+
+    Beyond ``max_length`` tokens, tokens after the first (usually BOS) are dropped from the
+    start of the question, so the end of the question (the answer cue) and the option stay.
+    """
     prompt = tokenizer(question)["input_ids"]
     full = tokenizer(question + " " + choice)["input_ids"]
     start = 0
@@ -34,21 +41,36 @@ def _continuation_ids(tokenizer, question: str, choice: str) -> tuple[list[int],
         start += 1
     if start == len(full):
         raise ValueError(f"option {choice!r} adds no tokens to question {question!r}")
-    return full, max(start, 1)
+    start = max(start, 1)
+    if max_length is not None and len(full) > max_length:
+        option_length = len(full) - start
+        if option_length + 2 > max_length:
+            raise ValueError(f"option {choice!r} is {option_length} tokens; it does not fit a context of {max_length} after a cue")
+        cut = len(full) - max_length
+        full = full[:1] + full[1 + cut :]
+        start -= cut
+    return full, start
 
 
 @torch.no_grad()
-def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: int = 256) -> torch.Tensor:
-    """Return a (questions, max options) tensor of option log-likelihoods, ``-inf`` where absent."""
+def choice_log_likelihoods(
+    model, tokenizer, questions: list[dict], batch_size: int = 256, max_length: int | None = None
+) -> torch.Tensor:
+    """Return a (questions, max options) tensor of option log-likelihoods, ``-inf`` where absent.
+
+    ``max_length`` defaults to the model's ``max_position_embeddings``.
+    """
     if not questions:
         raise ValueError("no questions to score")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     sequences, owners = [], []
     for qi, row in enumerate(questions):
         for ci, choice in enumerate(row["choices"]):
-            sequences.append(_continuation_ids(tokenizer, row["question"], choice))
+            sequences.append(_continuation_ids(tokenizer, row["question"], choice, max_length))
             owners.append((qi, ci))
 
     width = max(len(row["choices"]) for row in questions)
@@ -79,11 +101,13 @@ def choice_log_likelihoods(model, tokenizer, questions: list[dict], batch_size: 
     return scores
 
 
-def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 256) -> Accuracy:
+def multiple_choice_accuracy(
+    model, tokenizer, questions: list[dict], batch_size: int = 256, max_length: int | None = None
+) -> Accuracy:
     """Return the fraction of ``questions`` whose highest-likelihood option is the correct one."""
     if not questions:
         raise ValueError("no questions to score")
-    scores = choice_log_likelihoods(model, tokenizer, questions, batch_size)
+    scores = choice_log_likelihoods(model, tokenizer, questions, batch_size, max_length)
     answers = torch.tensor([row["answer"] for row in questions])
     metric = MulticlassAccuracy(num_classes=scores.shape[1], average="micro")
     value = float(metric(scores.argmax(dim=1), answers))

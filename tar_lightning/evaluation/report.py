@@ -102,9 +102,9 @@ def evaluate_models(
                 model = load_causal_lm(models[name]).to(device)
                 result = _scores(model, tokenizer, questions, batch_size)
             else:
-                model, losses = run_attack(models[name], attack, pools, seed, device)
-                result = _scores(model, tokenizer, questions, batch_size)
-                result["final_loss"] = float(np.mean(losses[-10:]))
+                run = run_attack(models[name], attack, pools, seed, device)
+                result = _scores(run.model, tokenizer, questions, batch_size)
+                result["final_loss"] = float(np.mean(run.losses[-10:]))
             cache.put(key, fingerprint, result)
         results.setdefault((name, attack.name if attack else "none"), []).append(result)
     bar.close()
@@ -180,31 +180,47 @@ def render_markdown(report: dict, attacks: list[AttackConfig], notes: list[str])
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict, attacks: list[AttackConfig], path: Path) -> None:
-    """Bar chart of forget accuracy before and after each attack, per model, with chance marked."""
+def grouped_bar_chart(
+    series: dict[str, tuple[list[float], list[float]]],
+    columns: list[str],
+    chance: float,
+    ylabel: str,
+    path: Path,
+    column_width: float = 1.6,
+) -> None:
+    """Save a bar chart with one group per column and one bar per series, error bars and chance marked.
+
+    ``series`` maps a legend label to its values and error bar lengths, one per column.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["models"])
-    columns = ["before"] + [a.name for a in attacks]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(columns), 4.0))
-    for i, name in enumerate(names):
-        entry = report["models"][name]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.0 + column_width * len(columns), 4.5))
+    for i, (label, (values, errors)) in enumerate(series.items()):
+        positions = np.arange(len(columns)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(positions, values, width, yerr=np.nan_to_num(errors), capsize=2, label=label)
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=60 if len(columns) > 6 else 15, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_report(report: dict, attacks: list[AttackConfig], path: Path) -> None:
+    """Bar chart of forget accuracy before and after each attack, per model, with chance marked."""
+    series = {}
+    for name, entry in report["models"].items():
         values = [entry["forget_acc"]] + [entry["post_attack"][a.name]["forget_acc"] for a in attacks]
         errors = [entry["forget_acc_se"]] + [entry["post_attack"][a.name]["forget_acc_se"] for a in attacks]
-        positions = np.arange(len(columns)) + (i - (len(names) - 1) / 2) * width
-        ax.bar(positions, values, width, yerr=np.nan_to_num(errors), capsize=3, label=name)
-    ax.axhline(report["chance"], color="black", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(np.arange(len(columns)), columns, rotation=15)
-    ax.set_ylabel("forget accuracy (lower is better)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        series[name] = (values, errors)
+    columns = ["before"] + [a.name for a in attacks]
+    grouped_bar_chart(series, columns, report["chance"], "forget accuracy (lower is better)", path)
 
 
 def write_report(report: dict, attacks: list[AttackConfig], run_dir: Path, notes: list[str]) -> None:

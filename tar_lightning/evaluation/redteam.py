@@ -1,0 +1,295 @@
+"""Red-teaming: every model against every attack of a suite, over several seeds.
+
+Each run loads a fresh copy of the evaluated weights, fine-tunes it with one attack and one
+seed, traces forget accuracy along the way (the attacker's learning curve) and scores the
+result on the forget, retain and attacker's-own-fact questions. Runs are cached as they
+finish, so an interrupted red-team resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, load_questions, load_texts
+from tar_lightning.data.world import write_derived_splits
+from tar_lightning.errors import ConfigError
+from tar_lightning.evaluation.attacks import AttackConfig, run_attack
+from tar_lightning.evaluation.harness import HarnessConfig, check_harness_installed, harness_scores
+from tar_lightning.evaluation.mcq import multiple_choice_accuracy
+from tar_lightning.evaluation.report import ResultCache, run_fingerprint
+from tar_lightning.evaluation.suite import QUICK_ATTACKS, default_suite
+from tar_lightning.models import is_saved_model, load_causal_lm, load_tokenizer
+
+log = logging.getLogger("tar_lightning")
+
+# Question sets every red-team scores; ``adversary`` (the attacker's own facts) is optional.
+REQUIRED_QUESTIONS = ("forget", "retain")
+
+
+@dataclass
+class QuickPreset:
+    """The reduced red-team that ``quick`` runs.
+
+    Args:
+        attacks: Names of the suite's attacks to run.
+        seeds: Seeds to run them with.
+        max_steps: Attacks longer than this are cut to it, with warmup and restart lengths
+            scaled by the same factor.
+    """
+
+    attacks: list[str] = field(default_factory=lambda: list(QUICK_ATTACKS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_steps: int = 64
+
+
+@dataclass
+class RedteamConfig:
+    """Which models to attack, with which attacks and data, and where to write the report.
+
+    Args:
+        checkpoints: Hugging Face-format model directories (or hub names) to attack; each
+            is reported under its folder name.
+        output_dir: Folder of report.json, report.md, the plots, TensorBoard curves and the
+            run cache.
+        objective: Name of the safeguard's objective, shown in the report.
+        corpora: Attack corpora by name; attacks refer to them in ``data``,
+            ``retain_data`` and ``benign_data``.
+        questions: Multiple-choice sets by name: ``forget`` and ``retain`` are required;
+            ``adversary`` (facts of the attack corpora) measures the attacker's own gains.
+        world_dir: Built-in world the corpora come from; red-teaming splits that a world
+            written by an earlier version lacks are derived there first. ``null`` for other data.
+        attacks: The suite; each attack runs from a fresh copy of every model.
+        seeds: Seeds of every attack; the report gives mean and spread across them.
+        curve_steps: Attack steps after which forget accuracy is scored for the learning
+            curves (steps beyond an attack's length are skipped; its last step is always scored).
+        max_length: Sequences of the attack corpora are truncated to this many tokens.
+        batch_size: Sequences per forward pass when scoring questions.
+        chance: Accuracy of guessing, marked in plots and used for the collapse flag.
+        collapse_margin: A model whose mean retain accuracy after an attack is at most
+            ``chance + collapse_margin`` is flagged as collapsed: its forget accuracy then
+            says nothing about a safeguard.
+        quick: Run ``quick_preset`` instead of the whole suite.
+        quick_preset: Attacks, seeds and length of a quick run.
+        extend_report: A training run's report.json whose models' ``post_attack`` sections
+            get this red-team's results (as ``redteam/<attack>``); ``null`` leaves it alone.
+        harness: lm-evaluation-harness tasks to score as well; ``null`` skips them.
+        tensorboard: Write the learning curves as TensorBoard scalars under ``output_dir``.
+    """
+
+    checkpoints: list[str] = field(default_factory=list)
+    output_dir: str = "checkpoints/wkr/redteam"
+    objective: str = "wkr"
+    corpora: dict[str, TextSource] = field(default_factory=dict)
+    questions: dict[str, QuestionSource] = field(default_factory=dict)
+    world_dir: str | None = None
+    attacks: list[AttackConfig] = field(default_factory=default_suite)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    curve_steps: list[int] = field(default_factory=lambda: [16, 32, 64, 256])
+    max_length: int = 64
+    batch_size: int = 256
+    chance: float = 0.25
+    collapse_margin: float = 0.1
+    quick: bool = False
+    quick_preset: QuickPreset = field(default_factory=QuickPreset)
+    extend_report: str | None = None
+    harness: HarnessConfig | None = None
+    tensorboard: bool = True
+
+    def model_names(self) -> dict[str, str]:
+        """Map each checkpoint's report name (its folder name) to its path."""
+        return {Path(path.rstrip("/")).name: path for path in self.checkpoints}
+
+    def validate(self) -> list[str]:
+        """Return every problem of this config, each naming its dotted key; loads nothing."""
+        problems = []
+        if not self.checkpoints:
+            problems.append("redteam.checkpoints must list at least one model directory")
+        names = [Path(path.rstrip("/")).name for path in self.checkpoints]
+        if len(set(names)) != len(names):
+            problems.append(f"redteam.checkpoints folder names must be unique, since they name the models in the report; got {names}")
+        for path in self.checkpoints:
+            if Path(path).exists() and not is_saved_model(path):
+                problems.append(f"redteam.checkpoints: {path} is not a saved model (no config.json and weights)")
+        for name in REQUIRED_QUESTIONS:
+            if name not in self.questions:
+                problems.append(f"redteam.questions must include {name!r}; it has {sorted(self.questions)}")
+        if not self.seeds:
+            problems.append("redteam.seeds must list at least one seed")
+        if any(step < 1 for step in self.curve_steps):
+            problems.append(f"redteam.curve_steps must be positive, got {self.curve_steps}")
+        for key in ("max_length", "batch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"redteam.{key} must be at least 1, got {getattr(self, key)}")
+        attack_names = [a.name for a in self.attacks]
+        if not attack_names:
+            problems.append("redteam.attacks must list at least one attack")
+        if len(set(attack_names)) != len(attack_names):
+            problems.append(f"redteam.attacks names must be unique, got {attack_names}")
+        for i, attack in enumerate(self.attacks):
+            problems += attack.validate(f"redteam.attacks[{i}]", set(self.corpora))
+        if self.quick:
+            unknown = sorted(set(self.quick_preset.attacks) - set(attack_names))
+            if unknown:
+                problems.append(f"redteam.quick_preset.attacks names {unknown}, which are not in redteam.attacks")
+            if not self.quick_preset.seeds:
+                problems.append("redteam.quick_preset.seeds must list at least one seed")
+            if self.quick_preset.max_steps < 1:
+                problems.append(f"redteam.quick_preset.max_steps must be at least 1, got {self.quick_preset.max_steps}")
+        if self.harness is not None:
+            problems += self.harness.validate("redteam.harness")
+        return problems
+
+    def plan(self) -> tuple[list[AttackConfig], list[int]]:
+        """The attacks and seeds to run: the whole suite, or the quick preset's part of it."""
+        if not self.quick:
+            return list(self.attacks), list(self.seeds)
+        preset = self.quick_preset
+        chosen = [a for a in self.attacks if a.name in preset.attacks]
+        return [_shorten(a, preset.max_steps) for a in chosen], list(preset.seeds)
+
+
+def _shorten(attack: AttackConfig, max_steps: int) -> AttackConfig:
+    if attack.steps <= max_steps:
+        return attack
+    factor = max_steps / attack.steps
+    warmup = min(max_steps, max(1, round(attack.warmup_steps * factor))) if attack.warmup_steps else 0
+    restart = max(1, round(attack.restart_steps * factor)) if attack.restart_steps else 0
+    return replace(attack, steps=max_steps, warmup_steps=warmup, restart_steps=restart)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RedteamData:
+    """The corpora and questions of a red-team, loaded once; token pools are built per tokenizer."""
+
+    def __init__(self, config: RedteamConfig):
+        if config.world_dir is not None:
+            for path in write_derived_splits(config.world_dir):
+                log.info("redteam: derived %s from the world's adversary splits", path)
+        self.texts = {name: load_texts(source) for name, source in config.corpora.items()}
+        self.questions = {name: load_questions(source) for name, source in config.questions.items()}
+        self.max_length = config.max_length
+        self.digest = _digest([self.texts, self.questions, config.curve_steps, config.max_length, asdict(config.harness) if config.harness else None])
+        self._pools: dict[str, dict[str, TokenPool]] = {}
+
+    def pools(self, tokenizer_key: str, tokenizer) -> dict[str, TokenPool]:
+        if tokenizer_key not in self._pools:
+            self._pools[tokenizer_key] = {name: TokenPool(texts, tokenizer, self.max_length) for name, texts in self.texts.items()}
+        return self._pools[tokenizer_key]
+
+
+def _score(model, tokenizer, data: RedteamData, config: RedteamConfig) -> dict[str, float]:
+    scores = {f"{name}_acc": multiple_choice_accuracy(model, tokenizer, rows, config.batch_size).value for name, rows in data.questions.items()}
+    if config.harness is not None:
+        scores.update(harness_scores(model, tokenizer, config.harness))
+    return scores
+
+
+def _attack_once(path: str, attack: AttackConfig, seed: int, tokenizer, data: RedteamData, config: RedteamConfig, device) -> dict:
+    curve: dict[int, float] = {}
+    forget = data.questions["forget"]
+
+    def trace(step: int, model) -> None:
+        curve[step] = multiple_choice_accuracy(model, tokenizer, forget, config.batch_size).value
+
+    steps = {s for s in config.curve_steps if s < attack.steps}
+    run = run_attack(path, attack, data.pools(path, tokenizer), seed, device, progress=False, callback=trace, callback_steps=steps)
+    result = _score(run.model, tokenizer, data, config)
+    curve[run.steps] = result["forget_acc"]
+    result["final_loss"] = float(np.mean(run.losses[-10:]))
+    result["steps"] = run.steps
+    result["curve"] = {str(step): curve[step] for step in sorted(curve)}
+    return result
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_redteam(config: RedteamConfig) -> dict:
+    """Run every planned attack and seed on every model; write and return the report.
+
+    Raises:
+        ConfigError: If the config or its data is invalid; raised before any model loads.
+    """
+    from tar_lightning.evaluation.redteam_report import summarize, write_redteam_report
+
+    problems = config.validate()
+    missing = [path for path in config.checkpoints if not Path(path).exists() and not _looks_like_hub_name(path)]
+    problems += [f"redteam.checkpoints: {path} does not exist; train it first (make train) or fix the path" for path in missing]
+    if problems:
+        raise ConfigError.from_problems("invalid red-team config", problems)
+    if config.harness is not None:
+        check_harness_installed()
+    data = RedteamData(config)
+    attacks, seeds = config.plan()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ResultCache(out / "runs.json")
+    writer = _tensorboard_writer(out) if config.tensorboard else None
+    device = _device()
+    models = config.model_names()
+    runs = [(name, attack, seed) for name in models for attack in [None, *attacks] for seed in ([0] if attack is None else seeds)]
+    log.info("redteam: %d models x %d attacks x %d seeds = %d attack runs", len(models), len(attacks), len(seeds), len(models) * len(attacks) * len(seeds))
+    results: dict[str, dict] = {name: {"path": models[name], "before": None, "attacks": {}} for name in models}
+    tokenizers = {}
+    bar = tqdm(runs, desc="redteam", dynamic_ncols=True)
+    for name, attack, seed in bar:
+        key = f"{name}/{attack.name if attack else 'none'}/{seed}"
+        bar.set_postfix_str(key)
+        path = models[name]
+        if path not in tokenizers:
+            tokenizers[path] = load_tokenizer(path)
+        fingerprint = run_fingerprint(path, attack, data.digest)
+        result = cache.get(key, fingerprint)
+        if result is None:
+            if attack is None:
+                result = _score(load_causal_lm(path).to(device), tokenizers[path], data, config)
+            else:
+                result = _attack_once(path, attack, seed, tokenizers[path], data, config, device)
+                if writer is not None:
+                    _write_curve(writer(f"{name}/{attack.name}/seed{seed}"), result["curve"])
+            cache.put(key, fingerprint, result)
+        if attack is None:
+            results[name]["before"] = result
+        else:
+            results[name]["attacks"].setdefault(attack.name, []).append(result)
+    bar.close()
+    report = summarize(results, attacks, seeds, config)
+    write_redteam_report(report, attacks, out, config)
+    log.info("redteam: wrote %s", out / "report.md")
+    return report
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    # NOTE: a heuristic: "owner/name" that is not a local path is left for from_pretrained to fetch.
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
+def _tensorboard_writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writers: dict[str, SummaryWriter] = {}
+
+    def writer(run: str) -> SummaryWriter:
+        if run not in writers:
+            writers[run] = SummaryWriter(log_dir=str(out / "tensorboard" / run))
+        return writers[run]
+
+    return writer
+
+
+def _write_curve(writer, curve: dict[str, float]) -> None:
+    for step, value in curve.items():
+        writer.add_scalar("redteam/forget_acc", value, int(step))
+    writer.flush()
