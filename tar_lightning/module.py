@@ -6,8 +6,11 @@ taking the tamper-resistance gradient. It then takes the retain loss on the weig
 themselves and updates them with schedule-free AdamW. ``trainer.global_step`` counts outer
 steps.
 
+The tamper-resistance gradient is first order by default; ``meta_gradient: exact``
+differentiates through the last ``meta_truncation`` inner steps (``tar_lightning.meta_gradient``).
+
 Not supported yet: sharded strategies (FSDP, DeepSpeed), because the inner loop copies the
-full parameter dict; exact meta-gradients; LoRA adversaries.
+full parameter dict; LoRA adversaries.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tar_lightning.inner_loop import (
     run_inner_loop,
     tr_step_weights,
 )
+from tar_lightning.meta_gradient import run_inner_loop_exact
 from tar_lightning.losses import gradient_surrogate, negative_entropy_loss, next_token_loss, representation_distance
 from tar_lightning.models import load_causal_lm
 
@@ -72,7 +76,14 @@ class TARModule(L.LightningModule):
         eval_every_n_steps: Score the datamodule's evaluation questions every this many outer
             steps (0 disables).
         seed: Seed of adversary sampling.
-        attn_implementation: Attention kernel passed to ``from_pretrained``.
+        attn_implementation: Attention kernel passed to ``from_pretrained``. ``meta_gradient:
+            exact`` needs ``eager``, because fused ``sdpa`` kernels have no double backward.
+        meta_gradient: ``first_order`` takes the TR gradient at the attacked weights;
+            ``exact`` differentiates through the last ``meta_truncation`` inner steps.
+        meta_truncation: T, the inner steps differentiated through with ``exact``
+            (``null``: all K). Memory grows linearly in T.
+        meta_grad_clip: Rescale the exact meta-gradient to at most this global norm before
+            ``tr_weight`` applies; ``null`` disables it.
 
     Raises:
         ValueError: If any argument is out of range; the message lists every problem.
@@ -98,6 +109,9 @@ class TARModule(L.LightningModule):
         eval_every_n_steps: int = 0,
         seed: int = 0,
         attn_implementation: str = "sdpa",
+        meta_gradient: Literal["first_order", "exact"] = "first_order",
+        meta_truncation: int | None = None,
+        meta_grad_clip: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -133,6 +147,18 @@ class TARModule(L.LightningModule):
             problems.append(f"model.learning_rate must be positive, got {hp.learning_rate}")
         if hp.grad_clip is not None and not hp.grad_clip > 0:
             problems.append(f"model.grad_clip must be positive or null, got {hp.grad_clip}")
+        if hp.meta_gradient == "exact":
+            if hp.attn_implementation != "eager":
+                problems.append(
+                    f"model.attn_implementation must be eager with meta_gradient exact, because the fused "
+                    f"{hp.attn_implementation!r} kernels have no double backward; got {hp.attn_implementation!r}"
+                )
+            if hp.meta_truncation is not None and not 1 <= hp.meta_truncation <= hp.inner_steps:
+                problems.append(f"model.meta_truncation must be in [1, inner_steps={hp.inner_steps}] or null, got {hp.meta_truncation}")
+            if hp.tr_loss_floor:
+                problems.append("model.tr_loss_floor is only supported with meta_gradient first_order")
+        if hp.meta_grad_clip is not None and not hp.meta_grad_clip > 0:
+            problems.append(f"model.meta_grad_clip must be positive or null, got {hp.meta_grad_clip}")
         for i, adversary in enumerate(self.adversaries):
             problems += adversary.validate(f"model.adversaries[{i}]", sources)
         return problems
@@ -216,18 +242,16 @@ class TARModule(L.LightningModule):
         name = adversary.config.optimizer
         if name not in self._inner_optimizers:
             self._inner_optimizers[name] = InnerOptimizer(name, eps=self.hparams.inner_eps)
-        return run_inner_loop(
-            self.model,
-            self._copy_weights(),
-            batches,
-            [adversary.learning_rate_at(k) for k in steps],
-            self._inner_optimizers[name],
-            tr_batch,
-            _entropy_tr_loss,
-            self.tr_weights,
-            floor,
-            self._tr_grads,
-        )
+        learning_rates = [adversary.learning_rate_at(k) for k in steps]
+        attack = (self.model, self._copy_weights(), batches, learning_rates, self._inner_optimizers[name])
+        tamper_resistance = (tr_batch, _entropy_tr_loss, self.tr_weights)
+        if self.hparams.meta_gradient == "exact":
+            result = run_inner_loop_exact(*attack, *tamper_resistance, self.hparams.meta_truncation, self.hparams.meta_grad_clip)
+            # _outer_step scales and reuses the gradient in place, so it moves into the step's buffer.
+            torch._foreach_copy_(self._tr_grads, result.tr_grads)
+            result.tr_grads = self._tr_grads
+            return result
+        return run_inner_loop(*attack, *tamper_resistance, floor, self._tr_grads)
 
     def _copy_weights(self) -> dict[str, torch.Tensor]:
         """Functional copies of the current weights, written into the buffers of the last step."""

@@ -160,3 +160,24 @@ def test_invalid_arguments_listed(world):
         _module(world, inner_steps=2, tr_every=3, tr_weight=-1.0)
     assert "model.tr_every" in str(error.value)
     assert "model.tr_weight" in str(error.value)
+
+
+def test_exact_meta_gradient_trains(world):
+    module = _module(world, meta_gradient="exact", meta_truncation=2, meta_grad_clip=10.0, attn_implementation="eager")
+    before = {name: p.detach().clone() for name, p in load_causal_lm(world / "safeguard").named_parameters()}
+
+    _trainer(world, max_steps=2).fit(module, datamodule=_datamodule(world))
+
+    assert module.global_step == 2
+    assert any(not torch.equal(p, before[name]) for name, p in module.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_exact_meta_gradient_requires_eager_attention(world):
+    with pytest.raises(ValueError, match="model.attn_implementation must be eager with meta_gradient exact"):
+        _module(world, meta_gradient="exact")
+
+
+def test_meta_truncation_beyond_inner_steps_rejected(world):
+    with pytest.raises(ValueError, match=r"model.meta_truncation must be in \[1, inner_steps=4\]"):
+        _module(world, meta_gradient="exact", attn_implementation="eager", meta_truncation=5)

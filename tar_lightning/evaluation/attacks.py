@@ -241,16 +241,17 @@ def run_attack(
     progress: bool = True,
     callback: Callable[[int, torch.nn.Module], None] | None = None,
     callback_steps: set[int] | frozenset[int] = frozenset(),
+    dtype: torch.dtype = torch.float32,
 ) -> AttackRun:
     """Load a fresh copy of ``model_path``, fine-tune it with ``attack`` and return the result.
 
     ``callback(step, model)`` runs after each step whose 1-based count is in
-    ``callback_steps``, for example to trace a learning curve. The saved model is only read,
-    never written.
+    ``callback_steps``, for example to trace a learning curve. The weights are loaded in
+    ``dtype``. The saved model is only read, never written.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = load_causal_lm(model_path).to(device)
+    model = load_causal_lm(model_path, dtype=dtype).to(device)
     if attack.lora is not None:
         model = _add_lora(model, attack.lora)
     next_batch = attack_batches(attack, pools, generator)

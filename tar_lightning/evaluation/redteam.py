@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class RedteamConfig:
             get this red-team's results (as ``redteam/<attack>``); ``null`` leaves it alone.
         harness: lm-evaluation-harness tasks to score as well; ``null`` skips them.
         tensorboard: Write the learning curves as TensorBoard scalars under ``output_dir``.
+        dtype: Weight type of attacked and scored models; ``bfloat16`` halves the memory of
+            large models, at the precision an attacker on one GPU would likely accept.
     """
 
     checkpoints: list[str] = field(default_factory=list)
@@ -102,6 +105,7 @@ class RedteamConfig:
     extend_report: str | None = None
     harness: HarnessConfig | None = None
     tensorboard: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def model_names(self) -> dict[str, str]:
         """Map each checkpoint's report name (its folder name) to its path."""
@@ -179,7 +183,11 @@ class RedteamData:
         self.texts = {name: load_texts(source) for name, source in config.corpora.items()}
         self.questions = {name: load_questions(source) for name, source in config.questions.items()}
         self.max_length = config.max_length
-        self.digest = _digest([self.texts, self.questions, config.curve_steps, config.max_length, asdict(config.harness) if config.harness else None])
+        settings = [self.texts, self.questions, config.curve_steps, config.max_length, asdict(config.harness) if config.harness else None]
+        if config.dtype != "float32":
+            # Appended only when set, so caches written before the option existed stay valid.
+            settings.append(config.dtype)
+        self.digest = _digest(settings)
         self._pools: dict[str, dict[str, TokenPool]] = {}
 
     def pools(self, tokenizer_key: str, tokenizer) -> dict[str, TokenPool]:
@@ -203,7 +211,9 @@ def _attack_once(path: str, attack: AttackConfig, seed: int, tokenizer, data: Re
         curve[step] = multiple_choice_accuracy(model, tokenizer, forget, config.batch_size).value
 
     steps = {s for s in config.curve_steps if s < attack.steps}
-    run = run_attack(path, attack, data.pools(path, tokenizer), seed, device, progress=False, callback=trace, callback_steps=steps)
+    run = run_attack(
+        path, attack, data.pools(path, tokenizer), seed, device, progress=False, callback=trace, callback_steps=steps, dtype=getattr(torch, config.dtype)
+    )
     result = _score(run.model, tokenizer, data, config)
     curve[run.steps] = result["forget_acc"]
     result["final_loss"] = float(np.mean(run.losses[-10:]))
@@ -254,7 +264,7 @@ def run_redteam(config: RedteamConfig) -> dict:
         result = cache.get(key, fingerprint)
         if result is None:
             if attack is None:
-                result = _score(load_causal_lm(path).to(device), tokenizers[path], data, config)
+                result = _score(load_causal_lm(path, dtype=getattr(torch, config.dtype)).to(device), tokenizers[path], data, config)
             else:
                 result = _attack_once(path, attack, seed, tokenizers[path], data, config, device)
                 if writer is not None:
