@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: venv check-objective train redteam test tensorboard bench clean
+.PHONY: venv check-objective train redteam ablate test tensorboard bench clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ test: venv
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir checkpoints
+
+# TAR under the settings of configs/ablate/$(OBJECTIVE).yaml, each red-teamed; needs `make train` first.
+ablate: check-objective venv
+	$(BIN)/tar-lightning ablate --config configs/ablate/$(OBJECTIVE).yaml $(ARGS)
 
 # TAR outer step against its floor; docs/benchmarks.md explains the output.
 bench: venv

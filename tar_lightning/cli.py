@@ -1,4 +1,4 @@
-"""Command line: ``tar-lightning fit|redteam --config CONFIG [--key value ...]``.
+"""Command line: ``tar-lightning fit|redteam|ablate --config CONFIG [--key value ...]``.
 
 ``fit`` runs the whole job: it builds the world, pretrains the base model and applies the
 initial safeguard before Lightning's fit (tamper-resistance training), then exports the TAR
@@ -7,6 +7,7 @@ so ``${pipeline.run_dir}``-style interpolations are resolved after command-line 
 
 ``redteam`` attacks saved models with a suite of fine-tuning attacks and writes a report;
 it takes a ``redteam`` group (``tar-lightning redteam --help`` lists every option).
+``ablate`` trains TAR under several settings and seeds and red-teams each run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from tar_lightning import pipeline
+from tar_lightning.ablation import AblationConfig, run_ablation
 from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.redteam import RedteamConfig, run_redteam
@@ -87,7 +89,8 @@ class TARLightningCLI(LightningCLI):
             # on_train_end switched schedule-free AdamW to its averaged (eval-mode) weights.
             save_model(self.model.model, self.datamodule.tokenizer, out)
             log.info("tar: exported %s", out)
-        pipeline.evaluate(config)
+        if config.evaluation.enabled:
+            pipeline.evaluate(config)
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> TARLightningCLI:
@@ -149,6 +152,30 @@ def redteam(args: list[str]) -> dict:
     return run_redteam(config)
 
 
+@dataclass
+class AblationArguments:
+    """Arguments of ``tar-lightning ablate``.
+
+    Args:
+        ablation: Cells, seeds and scoring of the ablation.
+    """
+
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+
+def ablate(args: list[str]) -> dict:
+    """Parse ``args`` of ``tar-lightning ablate`` and run the ablation."""
+    parser = ArgumentParser(
+        prog="tar-lightning ablate",
+        description="Train TAR under several settings and seeds and red-team each run.",
+        parser_mode="omegaconf+",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with an ablation section")
+    parser.add_class_arguments(AblationArguments, fail_untyped=True)
+    config: AblationConfig = parser.instantiate(parser.parse_args(args)).ablation
+    return run_ablation(config)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``tar-lightning``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -156,6 +183,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         if args and args[0] == "redteam":
             redteam(args[1:])
+        elif args and args[0] == "ablate":
+            ablate(args[1:])
         else:
             make_cli(args)
     except ConfigError as error:

@@ -80,11 +80,13 @@ class EvaluationConfig:
         attacks: Fine-tuning attacks, each run from a fresh copy of every evaluated model.
         seeds: Attack seeds; post-attack figures are means over them.
         batch_size: Sequences per forward pass when scoring multiple-choice questions.
+        enabled: Run this stage after training; ablations turn it off and red-team instead.
     """
 
     attacks: list[AttackConfig] = field(default_factory=default_attacks)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 256
+    enabled: bool = True
 
 
 @dataclass

@@ -77,6 +77,7 @@ class RedteamConfig:
         collapse_margin: A model whose mean retain accuracy after an attack is at most
             ``chance + collapse_margin`` is flagged as collapsed: its forget accuracy then
             says nothing about a safeguard.
+        held_out_only: Run only the attacks marked ``held_out``.
         quick: Run ``quick_preset`` instead of the whole suite.
         quick_preset: Attacks, seeds and length of a quick run.
         extend_report: A training run's report.json whose models' ``post_attack`` sections
@@ -100,6 +101,7 @@ class RedteamConfig:
     batch_size: int = 256
     chance: float = 0.25
     collapse_margin: float = 0.1
+    held_out_only: bool = False
     quick: bool = False
     quick_preset: QuickPreset = field(default_factory=QuickPreset)
     extend_report: str | None = None
@@ -139,6 +141,8 @@ class RedteamConfig:
             problems.append(f"redteam.attacks names must be unique, got {attack_names}")
         for i, attack in enumerate(self.attacks):
             problems += attack.validate(f"redteam.attacks[{i}]", set(self.corpora))
+        if self.held_out_only and not any(a.held_out for a in self.attacks):
+            problems.append("redteam.held_out_only is set but no attack of redteam.attacks is held out")
         if self.quick:
             unknown = sorted(set(self.quick_preset.attacks) - set(attack_names))
             if unknown:
@@ -153,10 +157,11 @@ class RedteamConfig:
 
     def plan(self) -> tuple[list[AttackConfig], list[int]]:
         """The attacks and seeds to run: the whole suite, or the quick preset's part of it."""
+        attacks = [a for a in self.attacks if a.held_out or not self.held_out_only]
         if not self.quick:
-            return list(self.attacks), list(self.seeds)
+            return attacks, list(self.seeds)
         preset = self.quick_preset
-        chosen = [a for a in self.attacks if a.name in preset.attacks]
+        chosen = [a for a in attacks if a.name in preset.attacks]
         return [_shorten(a, preset.max_steps) for a in chosen], list(preset.seeds)
 
 

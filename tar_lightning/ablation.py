@@ -1,0 +1,221 @@
+"""Ablations: TAR trained under several settings and seeds, each scored by the red-team.
+
+A cell is a named list of ``tar-lightning fit`` overrides. Every cell runs once per training
+seed, in a run directory of its own, as a separate process: ``fit`` (timed, for the compute
+axis), then ``redteam`` on the TAR model with the held-out attacks of the suite. Cells that
+share the initial stages link the world, base and safeguard models of one finished run, so
+only TAR training and its red-team run per cell. Both commands skip or resume finished work,
+so an interrupted ablation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tar_lightning.errors import ConfigError
+
+log = logging.getLogger("tar_lightning")
+
+# Stages a cell with ``share_stages`` links from the source run instead of running them.
+SHARED_STAGES = ("world", "base", "safeguard")
+
+
+@dataclass
+class AblationCell:
+    """One setting of the ablation.
+
+    Args:
+        name: Label in the table and folder name of its runs.
+        args: Command-line overrides of ``tar-lightning fit``, for example
+            ``["--model.inner_steps", "32"]``.
+        share_stages: Link the world, base and safeguard models of ``source_run``; set it to
+            false for a cell that changes them (safeguard strength, model size).
+    """
+
+    name: str
+    args: list[str] = field(default_factory=list)
+    share_stages: bool = True
+
+
+@dataclass
+class AblationConfig:
+    """Cells, seeds and scoring of an ablation.
+
+    Args:
+        cells: The settings to compare.
+        seeds: Training seeds; each sets ``seed_everything``, ``model.seed`` and ``data.seed``.
+        fit_configs: Config files of ``tar-lightning fit``, in order.
+        redteam_config: Config file of ``tar-lightning redteam``; its ``run_dir`` is set to each run.
+        redteam_args: Extra overrides of the red-team, for example fewer attack seeds.
+        source_run: Finished training run whose world, base and safeguard models shared cells link.
+        output_dir: Folder of the runs and of ablation.json, ablation.md and ablation.png.
+        held_out_only: Score with the suite's held-out attacks only.
+    """
+
+    cells: list[AblationCell] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fit_configs: list[str] = field(default_factory=lambda: ["configs/wkr.yaml"])
+    redteam_config: str = "configs/redteam/wkr.yaml"
+    redteam_args: list[str] = field(default_factory=list)
+    source_run: str = "checkpoints/wkr"
+    output_dir: str = "checkpoints/ablate/wkr"
+    held_out_only: bool = True
+
+    def validate(self) -> list[str]:
+        problems = []
+        names = [cell.name for cell in self.cells]
+        if not names:
+            problems.append("ablation.cells must list at least one cell")
+        if len(set(names)) != len(names):
+            problems.append(f"ablation.cells names must be unique, got {names}")
+        if not self.seeds:
+            problems.append("ablation.seeds must list at least one seed")
+        for path in [*self.fit_configs, self.redteam_config]:
+            if not Path(path).is_file():
+                problems.append(f"ablation: config file {path} not found")
+        if any(cell.share_stages for cell in self.cells):
+            missing = [stage for stage in SHARED_STAGES if not (Path(self.source_run) / stage).exists()]
+            if missing:
+                problems.append(
+                    f"ablation.source_run {self.source_run} lacks {missing}; run `make train OBJECTIVE=wkr` first "
+                    "or set share_stages: false"
+                )
+        return problems
+
+
+def _run(command: list[str], log_path: Path) -> float:
+    """Run ``command`` with its output appended to ``log_path``; return its wall-clock seconds."""
+    start = time.perf_counter()
+    with log_path.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if process.returncode != 0:
+        raise RuntimeError(f"command failed with exit code {process.returncode}; see {log_path}")
+    return time.perf_counter() - start
+
+
+def _link_stages(source: Path, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED_STAGES:
+        target = run_dir / stage
+        if not target.exists():
+            target.symlink_to((source / stage).resolve(), target_is_directory=True)
+
+
+def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
+    """Train and red-team one cell with one seed; return its red-team summary and training time."""
+    run_dir = Path(config.output_dir) / cell.name / f"seed{seed}"
+    if cell.share_stages:
+        _link_stages(Path(config.source_run), run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timing = run_dir / "fit_seconds.json"
+
+    fit = [sys.executable, "-m", "tar_lightning.cli", "fit"]
+    for path in config.fit_configs:
+        fit += ["--config", path]
+    fit += ["--pipeline.run_dir", str(run_dir), "--pipeline.evaluation.enabled", "false"]
+    fit += ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed), *cell.args]
+    if not (run_dir / "tar" / "config.json").is_file():
+        seconds = _run(fit, run_dir / "ablation.log")
+        timing.write_text(json.dumps({"fit_seconds": seconds}) + "\n")
+
+    redteam = [sys.executable, "-m", "tar_lightning.cli", "redteam", "--config", config.redteam_config, "--run_dir", str(run_dir)]
+    redteam += ["--redteam.checkpoints", f"[{run_dir / 'tar'}]", "--redteam.extend_report", "null"]
+    redteam += ["--redteam.held_out_only", str(config.held_out_only).lower(), *config.redteam_args]
+    _run(redteam, run_dir / "ablation.log")
+
+    report = json.loads((run_dir / "redteam" / "report.json").read_text())["models"]["tar"]
+    seconds = json.loads(timing.read_text())["fit_seconds"] if timing.is_file() else float("nan")
+    after = report["attacks"].values()
+    return {
+        "forget_before": report["before"]["forget_acc"],
+        "retain_before": report["before"]["retain_acc"],
+        "forget_after_mean": report["held_out_forget_mean"] if config.held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
+        "forget_after_worst": report["worst_attack"]["forget_acc"],
+        "retain_after_mean": float(np.mean([a["retain_acc"]["mean"] for a in after])),
+        "adversary_after_mean": float(np.mean([a["adversary_acc"]["mean"] for a in after if "adversary_acc" in a])),
+        "collapsed_attacks": len(report["collapsed_attacks"]),
+        "fit_seconds": seconds,
+    }
+
+
+def _mean_se(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=float)
+    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else float("nan")
+    return {"mean": float(array.mean()), "se": se}
+
+
+def run_ablation(config: AblationConfig) -> dict:
+    """Run every cell and seed, then write ablation.json, ablation.md and ablation.png; return the summary."""
+    problems = config.validate()
+    if problems:
+        raise ConfigError.from_problems("invalid ablation config", problems)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"seeds": config.seeds, "held_out_only": config.held_out_only, "cells": {}}
+    for cell in config.cells:
+        runs = []
+        for seed in config.seeds:
+            log.info("ablation: cell %s, seed %d", cell.name, seed)
+            runs.append(run_cell(config, cell, seed))
+        metrics = {key: _mean_se([run[key] for run in runs]) for key in runs[0]}
+        summary["cells"][cell.name] = {"args": cell.args, "per_seed": runs, **metrics}
+        (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "ablation.md").write_text(render_ablation(summary))
+    plot_ablation(summary, out / "ablation.png")
+    return summary
+
+
+def render_ablation(summary: dict) -> str:
+    """One table row per cell: means ± standard errors over training seeds."""
+
+    def cell(metric: dict) -> str:
+        return f"{metric['mean']:.3f}" if math.isnan(metric["se"]) else f"{metric['mean']:.3f} ± {metric['se']:.3f}"
+
+    scope = "held-out attacks" if summary["held_out_only"] else "all attacks"
+    lines = [
+        f"Means over training seeds {summary['seeds']} ± standard error; post-attack columns average the {scope}.",
+        "",
+        "| cell | overrides | forget before | forget after, mean | forget after, worst attack | retain after | attacker's own facts | collapsed attacks | training seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in summary["cells"].items():
+        overrides = " ".join(entry["args"]) or "(defaults)"
+        lines.append(
+            f"| {name} | `{overrides}` | {cell(entry['forget_before'])} | {cell(entry['forget_after_mean'])} | "
+            f"{cell(entry['forget_after_worst'])} | {cell(entry['retain_after_mean'])} | {cell(entry['adversary_after_mean'])} | "
+            f"{entry['collapsed_attacks']['mean']:.1f} | {entry['fit_seconds']['mean']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(summary: dict, path: Path) -> None:
+    """Post-attack forget accuracy against training time, one point per cell with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, entry in summary["cells"].items():
+        x, y = entry["fit_seconds"], entry["forget_after_mean"]
+        ax.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["se"]), yerr=np.nan_to_num(y["se"]), fmt="o", capsize=3)
+        ax.annotate(name, (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel("TAR training wall-clock seconds")
+    ax.set_ylabel("forget accuracy after attack (dotted: chance)")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""The ablation runner on the tiny preset: cells, seeds, shared stages, resume and the table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tar_lightning.ablation import AblationCell, AblationConfig, render_ablation, run_ablation
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_CONFIGS = [str(ROOT / "configs" / "wkr.yaml"), str(ROOT / "configs" / "tiny.yaml")]
+TINY_ATTACK = "[{name: sgd_short, optimizer: sgd_momentum, learning_rate: 0.01, steps: 3, batch_size: 4}]"
+
+
+def test_validate_lists_missing_source_and_files(tmp_path):
+    config = AblationConfig(
+        cells=[AblationCell("a"), AblationCell("a")],
+        seeds=[],
+        fit_configs=[str(tmp_path / "nope.yaml")],
+        source_run=str(tmp_path / "missing_run"),
+    )
+
+    problems = config.validate()
+
+    assert any("names must be unique" in p for p in problems)
+    assert any("ablation.seeds must list at least one seed" in p for p in problems)
+    assert any("nope.yaml not found" in p for p in problems)
+    assert any("missing_run lacks ['world', 'base', 'safeguard']" in p for p in problems)
+
+
+def test_table_shows_mean_and_standard_error():
+    metric = {"mean": 0.5, "se": 0.02}
+    summary = {
+        "seeds": [0, 1],
+        "held_out_only": True,
+        "cells": {
+            "k8": {
+                "args": ["--model.inner_steps", "8"],
+                **{key: metric for key in ("forget_before", "forget_after_mean", "forget_after_worst", "retain_after_mean", "adversary_after_mean")},
+                "collapsed_attacks": {"mean": 1.0, "se": 0.0},
+                "fit_seconds": {"mean": 12.0, "se": 1.0},
+            }
+        },
+    }
+
+    table = render_ablation(summary)
+
+    assert "| k8 | `--model.inner_steps 8` | 0.500 ± 0.020 |" in table
+    assert "average the held-out attacks" in table
+
+
+@pytest.mark.slow
+def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    source = tmp_path / "source"
+    fit = [sys.executable, "-m", "tar_lightning.cli", "fit", "--config", FIT_CONFIGS[0], "--config", FIT_CONFIGS[1]]
+    done = subprocess.run([*fit, "--pipeline.run_dir", str(source), "--pipeline.evaluation.enabled", "false"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (source / "report.json").exists(), "evaluation.enabled false still evaluated"
+    config = AblationConfig(
+        cells=[AblationCell("default"), AblationCell("no_tr", args=["--model.tr_weight", "0"])],
+        seeds=[1],
+        fit_configs=FIT_CONFIGS,
+        redteam_config=str(ROOT / "configs" / "redteam" / "wkr.yaml"),
+        redteam_args=["--redteam.attacks", TINY_ATTACK, "--redteam.seeds", "[0]"],
+        source_run=str(source),
+        output_dir=str(tmp_path / "ablate"),
+    )
+
+    summary = run_ablation(config)
+
+    assert list(summary["cells"]) == ["default", "no_tr"]
+    for entry in summary["cells"].values():
+        assert len(entry["per_seed"]) == 1
+        assert 0.0 <= entry["forget_after_mean"]["mean"] <= 1.0
+        assert entry["fit_seconds"]["mean"] > 0
+    run_dir = tmp_path / "ablate" / "no_tr" / "seed1"
+    assert (run_dir / "base").is_symlink()
+    assert "tr_weight: 0" in (run_dir / "config.yaml").read_text()
+    for name in ("ablation.json", "ablation.md", "ablation.png"):
+        assert (tmp_path / "ablate" / name).is_file()
+
+    # A second run reuses every trained model and cached red-team result.
+    timing = (run_dir / "fit_seconds.json").read_text()
+    again = run_ablation(config)
+    assert (run_dir / "fit_seconds.json").read_text() == timing
+    assert again["cells"]["no_tr"]["forget_after_mean"] == summary["cells"]["no_tr"]["forget_after_mean"]
