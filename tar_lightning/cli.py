@@ -125,16 +125,18 @@ class RedteamArguments:
     redteam: RedteamConfig = field(default_factory=RedteamConfig)
 
 
+def _subcommand_parser(name: str, description: str, arguments: type) -> ArgumentParser:
+    """Parser of ``tar-lightning <name>``: a ``--config`` file and the fields of the dataclass ``arguments``."""
+    parser = ArgumentParser(prog=f"tar-lightning {name}", description=description, parser_mode="omegaconf+")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below")
+    parser.add_class_arguments(arguments, fail_untyped=True)
+    return parser
+
+
 def redteam_parser() -> ArgumentParser:
     """Parser of ``tar-lightning redteam``: a ``--config`` file, ``run_dir`` and the ``redteam`` group."""
-    parser = ArgumentParser(
-        prog="tar-lightning redteam",
-        description="Attack saved models with a suite of fine-tuning attacks over several seeds and write a report.",
-        parser_mode="omegaconf+",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with run_dir and a redteam section")
-    parser.add_class_arguments(RedteamArguments, fail_untyped=True)
-    return parser
+    description = "Attack saved models with a suite of fine-tuning attacks over several seeds and write a report."
+    return _subcommand_parser("redteam", description, RedteamArguments)
 
 
 def redteam(args: list[str]) -> dict:
@@ -165,13 +167,8 @@ class AblationArguments:
 
 def ablate(args: list[str]) -> dict:
     """Parse ``args`` of ``tar-lightning ablate`` and run the ablation."""
-    parser = ArgumentParser(
-        prog="tar-lightning ablate",
-        description="Train TAR under several settings and seeds and red-team each run.",
-        parser_mode="omegaconf+",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with an ablation section")
-    parser.add_class_arguments(AblationArguments, fail_untyped=True)
+    description = "Train TAR under several settings and seeds and red-team each run."
+    parser = _subcommand_parser("ablate", description, AblationArguments)
     config: AblationConfig = parser.instantiate(parser.parse_args(args)).ablation
     return run_ablation(config)
 
