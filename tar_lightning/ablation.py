@@ -141,8 +141,8 @@ def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
     return {
         "forget_before": report["before"]["forget_acc"],
         "retain_before": report["before"]["retain_acc"],
-        "forget_after_mean": report["held_out_forget_mean"] if config.held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
-        "forget_after_worst": report["worst_attack"]["forget_acc"],
+        "forget_after_mean": report["held_out_mean"] if config.held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
+        "forget_after_worst": report["worst_attack"]["value"],
         "retain_after_mean": float(np.mean([a["retain_acc"]["mean"] for a in after])),
         "adversary_after_mean": float(np.mean([a["adversary_acc"]["mean"] for a in after if "adversary_acc" in a])),
         "collapsed_attacks": len(report["collapsed_attacks"]),

@@ -166,10 +166,10 @@ def test_summary_ranks_worst_attack_and_flags_collapse():
     report = summarize(results, attacks, [0, 1], config)
     entry = report["models"]["m"]
 
-    assert entry["worst_attack"] == {"attack": "strong", "forget_acc": pytest.approx(0.6)}
-    assert entry["worst_run"] == {"attack": "strong", "seed": 1, "forget_acc": 0.7}
-    assert entry["in_distribution_forget_mean"] == pytest.approx(0.35)
-    assert entry["held_out_forget_mean"] == pytest.approx((0.6 + 0.225) / 2)
+    assert entry["worst_attack"] == {"attack": "strong", "value": pytest.approx(0.6)}
+    assert entry["worst_run"] == {"attack": "strong", "seed": 1, "value": 0.7}
+    assert entry["in_distribution_mean"] == pytest.approx(0.35)
+    assert entry["held_out_mean"] == pytest.approx((0.6 + 0.225) / 2)
     assert entry["collapsed_attacks"] == ["destructive"]
     markdown = render_redteam_markdown(report, attacks)
     rows = [line for line in markdown.splitlines() if line.startswith(("| strong", "| mild", "| destructive"))]

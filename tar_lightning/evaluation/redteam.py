@@ -26,6 +26,7 @@ from tar_lightning.evaluation.attacks import AttackConfig, run_attack
 from tar_lightning.evaluation.harness import HarnessConfig, check_harness_installed, harness_scores
 from tar_lightning.evaluation.mcq import multiple_choice_accuracy
 from tar_lightning.evaluation.report import ResultCache, run_fingerprint
+from tar_lightning.evaluation.redteam_report import OBJECTIVES
 from tar_lightning.evaluation.suite import QUICK_ATTACKS, default_suite
 from tar_lightning.models import is_saved_model, load_causal_lm, load_tokenizer
 
@@ -60,7 +61,8 @@ class RedteamConfig:
             is reported under its folder name.
         output_dir: Folder of report.json, report.md, the plots, TensorBoard curves and the
             run cache.
-        objective: Name of the safeguard's objective, shown in the report.
+        objective: The safeguard's objective: ``wkr`` scores multiple-choice ``questions``;
+            ``hrr`` scores refusals. It sets the metric attacks are ranked by.
         corpora: Attack corpora by name; attacks refer to them in ``data``,
             ``retain_data`` and ``benign_data``.
         questions: Multiple-choice sets by name: ``forget`` and ``retain`` are required;
@@ -90,7 +92,7 @@ class RedteamConfig:
 
     checkpoints: list[str] = field(default_factory=list)
     output_dir: str = "checkpoints/wkr/redteam"
-    objective: str = "wkr"
+    objective: Literal["wkr", "hrr"] = "wkr"
     corpora: dict[str, TextSource] = field(default_factory=dict)
     questions: dict[str, QuestionSource] = field(default_factory=dict)
     world_dir: str | None = None
@@ -208,19 +210,24 @@ def _score(model, tokenizer, data: RedteamData, config: RedteamConfig) -> dict[s
     return scores
 
 
+def _trace(model, tokenizer, data: RedteamData, config: RedteamConfig) -> float:
+    """The objective's harm metric alone, cheaper than ``_score``, for the learning curves."""
+    return multiple_choice_accuracy(model, tokenizer, data.questions["forget"], config.batch_size).value
+
+
 def _attack_once(path: str, attack: AttackConfig, seed: int, tokenizer, data: RedteamData, config: RedteamConfig, device) -> dict:
     curve: dict[int, float] = {}
-    forget = data.questions["forget"]
+    harm = OBJECTIVES[config.objective].harm
 
     def trace(step: int, model) -> None:
-        curve[step] = multiple_choice_accuracy(model, tokenizer, forget, config.batch_size).value
+        curve[step] = _trace(model, tokenizer, data, config)
 
     steps = {s for s in config.curve_steps if s < attack.steps}
     run = run_attack(
         path, attack, data.pools(path, tokenizer), seed, device, progress=False, callback=trace, callback_steps=steps, dtype=getattr(torch, config.dtype)
     )
     result = _score(run.model, tokenizer, data, config)
-    curve[run.steps] = result["forget_acc"]
+    curve[run.steps] = result[harm]
     result["final_loss"] = float(np.mean(run.losses[-10:]))
     result["steps"] = run.steps
     result["curve"] = {str(step): curve[step] for step in sorted(curve)}
@@ -237,7 +244,7 @@ def run_redteam(config: RedteamConfig) -> dict:
     Raises:
         ConfigError: If the config or its data is invalid; raised before any model loads.
     """
-    from tar_lightning.evaluation.redteam_report import summarize, write_redteam_report
+    from tar_lightning.evaluation.redteam_report import summarize, write_redteam_report  # noqa: PLC0415
 
     problems = config.validate()
     missing = [path for path in config.checkpoints if not Path(path).exists() and not _looks_like_hub_name(path)]
@@ -273,7 +280,7 @@ def run_redteam(config: RedteamConfig) -> dict:
             else:
                 result = _attack_once(path, attack, seed, tokenizers[path], data, config, device)
                 if writer is not None:
-                    _write_curve(writer(f"{name}/{attack.name}/seed{seed}"), result["curve"])
+                    _write_curve(writer(f"{name}/{attack.name}/seed{seed}"), result["curve"], OBJECTIVES[config.objective].harm)
             cache.put(key, fingerprint, result)
         if attack is None:
             results[name]["before"] = result
@@ -304,7 +311,7 @@ def _tensorboard_writer(out: Path):
     return writer
 
 
-def _write_curve(writer, curve: dict[str, float]) -> None:
+def _write_curve(writer, curve: dict[str, float], metric: str) -> None:
     for step, value in curve.items():
-        writer.add_scalar("redteam/forget_acc", value, int(step))
+        writer.add_scalar(f"redteam/{metric}", value, int(step))
     writer.flush()
