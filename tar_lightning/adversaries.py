@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from tar_lightning.inner_loop import InnerOptimizerName
+from tar_lightning.inner_loop import InnerOptimizerName, LowRankAdversary
 
 
 @dataclass
@@ -36,6 +36,10 @@ class AdversaryConfig:
         batch_size: Sequences per inner step.
         switch_alpha: First Beta parameter of the switch step.
         switch_beta: Second Beta parameter of the switch step.
+        lora_rank: Train functional LoRA factors of this rank instead of every weight; 0
+            attacks every weight.
+        lora_alpha: LoRA scale numerator; updates are scaled by lora_alpha / lora_rank.
+        lora_targets: Suffixes of the parameter names that get LoRA updates.
     """
 
     name: str = "forget_a"
@@ -50,6 +54,15 @@ class AdversaryConfig:
     batch_size: int = 32
     switch_alpha: float = 6.0
     switch_beta: float = 3.0
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LowRankAdversary.targets))
+
+    def low_rank(self) -> LowRankAdversary | None:
+        """The functional LoRA update of this adversary, or ``None`` for a full-parameter one."""
+        if self.lora_rank == 0:
+            return None
+        return LowRankAdversary(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
 
     def validate(self, key: str, sources: set[str] | None = None) -> list[str]:
         """Return every problem of this config, each naming its dotted key."""
@@ -62,6 +75,10 @@ class AdversaryConfig:
             problems.append(f"{key}.batch_size must be at least 1, got {self.batch_size}")
         if self.schedule == "linear_warmup" and self.warmup_steps < 1:
             problems.append(f"{key}.warmup_steps must be at least 1 with schedule linear_warmup, got {self.warmup_steps}")
+        if self.lora_rank < 0:
+            problems.append(f"{key}.lora_rank must be 0 (every weight) or positive, got {self.lora_rank}")
+        if self.lora_rank > 0 and (not self.lora_alpha > 0 or not self.lora_targets):
+            problems.append(f"{key}: a LoRA adversary needs a positive lora_alpha and at least one of lora_targets")
         if self.switch_alpha <= 0 or self.switch_beta <= 0:
             problems.append(f"{key}.switch_alpha and switch_beta must be positive")
         if sources is not None:

@@ -8,7 +8,10 @@ Open-Weight LLMs": the gradient of the tamper-resistance loss with respect to th
 weights theta'_k stands in for its gradient with respect to the defended weights theta, and
 nothing is differentiated through the attack steps.
 
-Not supported yet: exact (second-order) meta-gradients, low-rank (LoRA) adversaries.
+A LoRA adversary (``LowRankAdversary``) trains low-rank factors B A added to some weight
+matrices instead of the weights themselves. Since the attacked weight is W + (alpha / r) B A,
+its derivative with respect to W is the identity, so the first-order TR gradient is again the
+gradient at the attacked weights. Exact meta-gradients live in ``tar_lightning.meta_gradient``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,42 @@ def lm_loss(model: torch.nn.Module, params: Params, batch: Batch) -> torch.Tenso
     """Next-token cross-entropy of ``model`` at ``params`` on ``batch``."""
     logits = functional_forward(model, params, batch).logits
     return next_token_loss(logits, batch["input_ids"], batch["attention_mask"])
+
+
+@dataclass
+class LowRankAdversary:
+    """Functional LoRA updates for the simulated attack.
+
+    Args:
+        rank: Rank r of each update.
+        alpha: Scale numerator; an update adds (alpha / r) B A to its weight.
+        targets: Suffixes of the parameter names that get an update, for example ``q_proj.weight``.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+    def factors(self, params: Params, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh (A, B) per targeted 2-D weight: A uniform in +-1/sqrt(in features), B zero, as LoRA starts."""
+        out = {}
+        for name, weight in params.items():
+            if weight.dim() != 2 or not name.endswith(self.targets):
+                continue
+            rows, columns = weight.shape
+            bound = 1.0 / columns**0.5
+            a = (torch.rand(self.rank, columns, generator=generator) * 2 - 1) * bound
+            a = a.to(device=weight.device, dtype=weight.dtype).requires_grad_(True)
+            b = torch.zeros(rows, self.rank, device=weight.device, dtype=weight.dtype, requires_grad=True)
+            out[name] = (a, b)
+        if not out:
+            raise ValueError(f"no 2-D parameter name ends with one of {self.targets}; set the adversary's LoRA targets")
+        return out
+
+    def apply(self, params: Params, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Params:
+        """Return the attacked weights: W + (alpha / r) B A where a factor pair exists, W elsewhere."""
+        scale = self.alpha / self.rank
+        return {name: (w + scale * factors[name][1] @ factors[name][0]) if name in factors else w for name, w in params.items()}
 
 
 def copy_params(model: torch.nn.Module) -> Params:
@@ -185,6 +224,8 @@ def run_inner_loop(
     tr_weights: Mapping[int, float],
     tr_floor: float | None = None,
     tr_grads: list[torch.Tensor] | None = None,
+    low_rank: LowRankAdversary | None = None,
+    generator: torch.Generator | None = None,
 ) -> InnerLoopResult:
     """Attack ``params`` in place for ``len(adversary_batches)`` steps and return the TR gradient.
 
@@ -193,31 +234,49 @@ def run_inner_loop(
     and ``tr_weights[k]`` times its gradient is added to the result. With ``tr_floor`` set, a
     gradient whose loss is already at or below the floor is skipped. ``tr_grads``, when given,
     is a buffer shaped like ``params`` that is zeroed and filled instead of a new allocation.
+
+    With ``low_rank``, the attacker trains LoRA factors drawn from ``generator`` and ``params``
+    stay as they are; the TR gradient is taken at the attacked weights W + (alpha / r) B A.
     """
     if len(learning_rates) != len(adversary_batches):
         raise ValueError(f"got {len(adversary_batches)} adversary batches but {len(learning_rates)} learning rates")
     names = list(params)
-    tensors = [params[n] for n in names]
-    optimizer.reset(tensors)
+    if low_rank is None:
+        trained = [params[n] for n in names]
+
+        def attacked() -> Params:
+            return params
+
+    else:
+        factors = low_rank.factors(params, generator if generator is not None else torch.Generator().manual_seed(0))
+        trained = [t for pair in factors.values() for t in pair]
+
+        def attacked() -> Params:
+            return low_rank.apply(params, factors)
+
+    optimizer.reset(trained)
     if tr_grads is None:
-        tr_grads = [torch.zeros_like(t) for t in tensors]
+        tr_grads = [torch.zeros_like(params[n]) for n in names]
     else:
         torch._foreach_zero_(tr_grads)
     adversary_losses: list[float] = []
     tr_losses: list[float] = []
     used = 0
     for k, (batch, lr) in enumerate(zip(adversary_batches, learning_rates)):
-        loss = lm_loss(model, params, batch)
-        grads = torch.autograd.grad(loss, tensors)
-        optimizer.step(tensors, grads, lr)
+        loss = lm_loss(model, attacked(), batch)
+        grads = torch.autograd.grad(loss, trained)
+        optimizer.step(trained, grads, lr)
         adversary_losses.append(loss.item())
         if k not in tr_weights:
             continue
-        tr_loss = tr_loss_fn(model, params, tr_batch)
+        weights = attacked()
+        tr_loss = tr_loss_fn(model, weights, tr_batch)
         tr_losses.append(tr_loss.item())
         if tr_floor is not None and tr_losses[-1] <= tr_floor:
             continue
-        grads = torch.autograd.grad(tr_loss, tensors)
+        # For LoRA, d(W + s B A)/dW is the identity, so the gradient at the attacked weights is the TR gradient.
+        grads = torch.autograd.grad(tr_loss, [weights[n] for n in names])
         torch._foreach_add_(tr_grads, grads, alpha=tr_weights[k])
         used += 1
     return InnerLoopResult(tr_grads, adversary_losses, tr_losses, used)
+

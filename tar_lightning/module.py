@@ -10,7 +10,7 @@ The tamper-resistance gradient is first order by default; ``meta_gradient: exact
 differentiates through the last ``meta_truncation`` inner steps (``tar_lightning.meta_gradient``).
 
 Not supported yet: sharded strategies (FSDP, DeepSpeed), because the inner loop copies the
-full parameter dict; LoRA adversaries.
+full parameter dict; exact meta-gradients through LoRA adversaries (they stay first order).
 """
 
 from __future__ import annotations
@@ -239,12 +239,16 @@ class TARModule(L.LightningModule):
             sample = pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator)
             batches.append({name: tensor.to(self.device) for name, tensor in sample.items()})
         floor = -math.log(self.model.config.vocab_size) if self.hparams.tr_loss_floor else None
-        name = adversary.config.optimizer
-        if name not in self._inner_optimizers:
-            self._inner_optimizers[name] = InnerOptimizer(name, eps=self.hparams.inner_eps)
+        low_rank = adversary.config.low_rank()
+        # LoRA attackers keep their own optimizer state, shaped like their factors.
+        key = adversary.config.optimizer if low_rank is None else f"{adversary.config.optimizer}/lora"
+        if key not in self._inner_optimizers:
+            self._inner_optimizers[key] = InnerOptimizer(adversary.config.optimizer, eps=self.hparams.inner_eps)
         learning_rates = [adversary.learning_rate_at(k) for k in steps]
-        attack = (self.model, self._copy_weights(), batches, learning_rates, self._inner_optimizers[name])
+        attack = (self.model, self._copy_weights(), batches, learning_rates, self._inner_optimizers[key])
         tamper_resistance = (tr_batch, _entropy_tr_loss, self.tr_weights)
+        if low_rank is not None:
+            return run_inner_loop(*attack, *tamper_resistance, floor, self._tr_grads, low_rank, self.batch_generator)
         if self.hparams.meta_gradient == "exact":
             result = run_inner_loop_exact(*attack, *tamper_resistance, self.hparams.meta_truncation, self.hparams.meta_grad_clip)
             # _outer_step scales and reuses the gradient in place, so it moves into the step's buffer.

@@ -165,3 +165,18 @@ def test_default_adversaries_are_valid():
         assert config.validate(f"adv.{i}", {"forget_a", "forget_b", "retain"}) == []
     assert [config.retain_then_forget for config in adversaries] == [False, False, True]
     assert {config.forget_source for config in adversaries} == {"forget_a", "forget_b"}
+
+
+def test_validate_lora_settings():
+    problems = AdversaryConfig(lora_rank=-1).validate("model.adversaries[0]")
+    assert problems == ["model.adversaries[0].lora_rank must be 0 (every weight) or positive, got -1"]
+
+    problems = AdversaryConfig(lora_rank=4, lora_targets=[]).validate("model.adversaries[0]")
+    assert len(problems) == 1
+    assert "needs a positive lora_alpha and at least one of lora_targets" in problems[0]
+
+
+def test_low_rank_only_for_lora_adversaries():
+    assert AdversaryConfig().low_rank() is None
+    low_rank = AdversaryConfig(lora_rank=8, lora_alpha=16.0, lora_targets=["q_proj.weight"]).low_rank()
+    assert (low_rank.rank, low_rank.alpha, low_rank.targets) == (8, 16.0, ("q_proj.weight",))

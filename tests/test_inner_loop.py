@@ -361,3 +361,55 @@ def test_tr_step_weights_invalid_tr_every_raises(inner_steps, tr_every):
 def test_tr_step_weights_unknown_weighting_raises():
     with pytest.raises(ValueError, match="'linear'"):
         tr_step_weights(16, 4, "linear")
+
+
+def test_low_rank_adversary_matches_peft_style_reference(model, batches):
+    from tar_lightning.inner_loop import LowRankAdversary
+
+    adversary, tr_batch = batches
+    low_rank = LowRankAdversary(rank=2, alpha=4.0, targets=("q_proj.weight", "v_proj.weight"))
+    params = copy_params(model)
+    original = {name: t.detach().clone() for name, t in params.items()}
+    weights = {2: 1.0}
+
+    result = run_inner_loop(
+        model, params, adversary, [0.05] * 3, InnerOptimizer("sgd_momentum"), tr_batch, entropy_tr_loss, weights,
+        low_rank=low_rank, generator=torch.Generator().manual_seed(7),
+    )
+
+    # Replay by hand: the same factors, heavy-ball SGD on A and B only, then the TR gradient
+    # with respect to the attacked weights W + (alpha / r) B A.
+    factors = low_rank.factors(original, torch.Generator().manual_seed(7))
+    trained = [t for pair in factors.values() for t in pair]
+    momentum = [torch.zeros_like(t) for t in trained]
+    frozen = {name: t.clone() for name, t in original.items()}
+    for batch in adversary:
+        loss = next_token_loss(functional_forward(model, low_rank.apply(frozen, factors), batch).logits, batch["input_ids"], batch["attention_mask"])
+        grads = torch.autograd.grad(loss, trained)
+        with torch.no_grad():
+            for tensor, buffer, grad in zip(trained, momentum, grads):
+                buffer.mul_(0.9).add_(grad)
+                tensor.sub_(0.05 * buffer)
+    attacked = {name: t.detach().clone().requires_grad_(True) for name, t in low_rank.apply(frozen, factors).items()}
+    expected = torch.autograd.grad(entropy_tr_loss(model, attacked, tr_batch), list(attacked.values()))
+
+    for got, want in zip(result.tr_grads, expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    for name in params:
+        assert torch.equal(params[name], original[name]), f"{name} changed: a LoRA attacker must not write the weights"
+    # B starts at zero, so the first step sees the weights themselves.
+    first = next_token_loss(functional_forward(model, original, adversary[0]).logits, adversary[0]["input_ids"], adversary[0]["attention_mask"])
+    assert result.adversary_losses[0] == pytest.approx(first.item(), rel=1e-6)
+    assert len(result.adversary_losses) == 3
+    assert result.tr_used == 1
+
+
+def test_low_rank_adversary_without_targets_raises(model, batches):
+    from tar_lightning.inner_loop import LowRankAdversary
+
+    adversary, tr_batch = batches
+    with pytest.raises(ValueError, match="no 2-D parameter name ends with one of \\('nothing.weight',\\)"):
+        run_inner_loop(
+            model, copy_params(model), adversary, [0.1] * 3, InnerOptimizer(), tr_batch, entropy_tr_loss, {2: 1.0},
+            low_rank=LowRankAdversary(targets=("nothing.weight",)),
+        )

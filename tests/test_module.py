@@ -181,3 +181,15 @@ def test_exact_meta_gradient_requires_eager_attention(world):
 def test_meta_truncation_beyond_inner_steps_rejected(world):
     with pytest.raises(ValueError, match=r"model.meta_truncation must be in \[1, inner_steps=4\]"):
         _module(world, meta_gradient="exact", attn_implementation="eager", meta_truncation=5)
+
+
+def test_lora_adversary_trains(world):
+    lora = AdversaryConfig(name="lora", forget_source="forget_a", batch_size=4, optimizer="adam", lora_rank=2, lora_alpha=4.0)
+    module = _module(world, adversaries=[lora])
+    before = {name: p.detach().clone() for name, p in load_causal_lm(world / "safeguard").named_parameters()}
+
+    _trainer(world, max_steps=2).fit(module, datamodule=_datamodule(world))
+
+    assert module.global_step == 2
+    assert "adam/lora" in module._inner_optimizers
+    assert any(not torch.equal(p, before[name]) for name, p in module.model.named_parameters())
