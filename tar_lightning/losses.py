@@ -90,3 +90,14 @@ def gradient_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) ->
     across processes, which writing into ``.grad`` after backward would skip.
     """
     return sum(torch.dot(p.flatten(), g.detach().flatten()) for p, g in zip(params, grads, strict=True))
+
+
+def negative_cross_entropy_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Tamper-resistance loss variant for knowledge restriction: minus the next-token loss of x_TR.
+
+    Minimising it maximises the attacked model's cross-entropy on forget text. The authors of
+    "Tamper-Resistant Safeguards for Open-Weight LLMs" report it unstable, with an effect that
+    vanishes once an attack runs longer than K, and chose the entropy loss; it is kept so that
+    the comparison can be rerun. It has no lower bound.
+    """
+    return -next_token_loss(logits, input_ids, attention_mask)

@@ -173,3 +173,17 @@ def test_gradient_surrogate_adds_given_gradient():
 
     assert torch.allclose(weight.grad, expected[0] + extra[0])
     assert torch.allclose(bias.grad, expected[1] + extra[1])
+
+
+def test_negative_cross_entropy_is_minus_next_token_loss():
+    from tar_lightning.losses import negative_cross_entropy_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    input_ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+    # Real targets: tokens 2 and 3 of row 0, token 5 of row 1.
+    log_probs = torch.log_softmax(logits, dim=-1)
+    expected = (log_probs[0, 0, 2] + log_probs[0, 1, 3] + log_probs[1, 0, 5]) / 3
+    assert negative_cross_entropy_loss(logits, input_ids, attention_mask).item() == pytest.approx(expected.item(), rel=1e-6)
