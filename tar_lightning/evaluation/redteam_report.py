@@ -33,7 +33,7 @@ class ObjectiveMetrics:
 
 
 OBJECTIVES = {
-    "wkr": ObjectiveMetrics("forget_acc", "retain_acc", "adversary_acc", ("forget", "retain", "attacker's own facts")),
+    "wkr": ObjectiveMetrics("forget_acc", "retain_acc", "adversary_acc", ("forget accuracy", "retain accuracy", "attacker's own facts")),
     "hrr": ObjectiveMetrics("attack_success", "benign_acc", None, ("attack success", "benign accuracy", "attacker's own facts")),
 }
 

@@ -198,7 +198,7 @@ def grouped_bar_chart(
     import matplotlib.pyplot as plt
 
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2.0 + column_width * len(columns), 4.5))
+    fig, ax = plt.subplots(figsize=(4.0 + column_width * len(columns), 4.5))
     for i, (label, (values, errors)) in enumerate(series.items()):
         positions = np.arange(len(columns)) + (i - (len(series) - 1) / 2) * width
         ax.bar(positions, values, width, yerr=np.nan_to_num(errors), capsize=2, label=label)
@@ -206,7 +206,7 @@ def grouped_bar_chart(
     ax.set_xticks(np.arange(len(columns)), columns, rotation=60 if len(columns) > 6 else 15, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
