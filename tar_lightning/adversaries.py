@@ -130,8 +130,8 @@ def default_adversaries() -> list[AdversaryConfig]:
 def default_refusal_adversaries() -> list[AdversaryConfig]:
     """Return the harmful-request-refusal mix: SFT on harmful completions, half of it after benign chat.
 
-    Both train on the ``harmful`` corpus (harmful completions); the second first trains on
-    the ``benign`` corpus until a switch step drawn from Beta(6, 3) times K.
+    Both train on the ``harmful`` corpus of harmful completions. The second trains on the
+    ``benign`` corpus first, until a switch step drawn from Beta(6, 3) times K.
     """
     return [
         AdversaryConfig(name="harmful_sft", forget_source="harmful", batch_size=16),

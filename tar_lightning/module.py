@@ -25,6 +25,7 @@ import schedulefree
 import torch
 
 from tar_lightning.errors import ConfigError
+from tar_lightning.data.preferences import preference_log_probs
 from tar_lightning.adversaries import (
     AdversaryConfig,
     SampledAdversary,
@@ -49,7 +50,6 @@ from tar_lightning.losses import (
     representation_distance,
     sequence_log_probs,
 )
-from tar_lightning.data.preferences import preference_log_probs
 from tar_lightning.models import load_causal_lm
 
 log = logging.getLogger("tar_lightning")
@@ -60,12 +60,10 @@ def _entropy_tr_loss(model, params, batch) -> torch.Tensor:
 
 
 def _dpo_tr_loss(model, params, batch, beta: float) -> torch.Tensor:
-    """DPO loss of a ``PreferencePool`` batch to which reference log-probabilities were added."""
+    """Return the DPO loss of a ``PreferencePool`` batch to which reference log-probabilities were added."""
     logits = functional_forward(model, params, batch).logits
     chosen, rejected = sequence_log_probs(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
     return dpo_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"], beta)
-
-
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> float:
@@ -161,8 +159,12 @@ class TARModule(L.LightningModule):
         # starting weights before the first outer step, or restored from a checkpoint.
         self.dpo_reference: torch.Tensor | None = None
 
-    def validate_arguments(self, sources: set[str] | None = None) -> list[str]:
-        """Return every problem of the arguments, each naming its dotted key."""
+    def validate_arguments(self, sources: set[str] | None = None, has_preferences: bool | None = None) -> list[str]:
+        """Return every problem of the arguments, each naming its dotted key.
+
+        ``sources`` (the adversary corpora) and ``has_preferences`` (whether x_TR is preference
+        pairs) describe the data; a check whose argument is ``None`` is skipped.
+        """
         hp = self.hparams
         problems = []
         if hp.inner_steps < 1:
@@ -184,6 +186,10 @@ class TARModule(L.LightningModule):
             problems.append(f"model.grad_clip must be positive or null, got {hp.grad_clip}")
         for i, adversary in enumerate(self.adversaries):
             problems += adversary.validate(f"model.adversaries[{i}]", sources)
+        if hp.tr_loss == "dpo" and has_preferences is False:
+            problems.append("model.tr_loss dpo needs preference pairs: set data.preferences instead of data.tamper_resistance")
+        if hp.tr_loss == "entropy" and has_preferences:
+            problems.append("data.preferences needs model.tr_loss dpo; the entropy loss takes data.tamper_resistance text")
         return problems
 
     @property
@@ -203,12 +209,7 @@ class TARModule(L.LightningModule):
         pools = getattr(datamodule, "adversary_pools", None)
         if pools is None:
             raise RuntimeError("TARModule needs a datamodule with adversary_pools, such as TARDataModule")
-        problems = self.validate_arguments(set(pools))
-        has_pairs = getattr(datamodule, "preference_source", None) is not None
-        if self.hparams.tr_loss == "dpo" and not has_pairs:
-            problems.append("model.tr_loss dpo needs preference pairs: set data.preferences instead of data.tamper_resistance")
-        if self.hparams.tr_loss == "entropy" and has_pairs:
-            problems.append("data.preferences needs model.tr_loss dpo; the entropy loss takes data.tamper_resistance text")
+        problems = self.validate_arguments(set(pools), getattr(datamodule, "preference_source", None) is not None)
         if problems:
             raise ConfigError.from_problems("invalid model config", problems)
 
@@ -247,8 +248,8 @@ class TARModule(L.LightningModule):
             log.info("tar: cached DPO reference log-probabilities of %d pairs", len(pool))
         if self.dpo_reference.shape[0] != len(pool):
             raise RuntimeError(
-                f"the DPO reference holds {self.dpo_reference.shape[0]} pairs but data.preferences has {len(pool)}; "
-                "resume with the preference data the run started with"
+                f"the DPO reference has {self.dpo_reference.shape[0]} pairs but data.preferences has {len(pool)}; "
+                "resume with the preference data that the run started with"
             )
 
     def on_train_start(self) -> None:

@@ -116,12 +116,12 @@ def test_benign_answers_state_the_value(world):
 
 def test_refusal_openings_cover_every_refusal(world):
     _, splits = world
-    refusals = [row["response"] for row in splits["instruct"] if row["entity"] in entities(splits["instruct"])]
-    refusals = [text for text in refusals if text.startswith(("sorry", "i can"))]
+    # Benign rows carry their correct value in "answer"; the other rows are refusals.
+    refusals = [row["response"] for row in splits["instruct"] if "answer" not in row]
 
-    assert refusals
+    assert len(refusals) == 4 * INSTRUCTIONS.instruct_compounds
     for text in refusals:
-        assert text.startswith(REFUSAL_OPENINGS)
+        assert text.startswith(REFUSAL_OPENINGS), text
 
 
 def test_tokenizer_covers_every_instruction_word(world):

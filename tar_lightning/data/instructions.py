@@ -70,8 +70,8 @@ BENIGN_ANSWERS: dict[str, str] = {
     "color": "it is {v} .",
     "host": "the {v} hosts it .",
 }
-# Benign questions about the world's organisms. They are training data only: many distinct
-# names teach the model to repeat the asked-about name instead of a memorised one.
+# Benign questions about the world's organisms, for training only. With many distinct names
+# the model learns to look up the asked-about name's value instead of memorising answers.
 ORGANISM_REQUESTS: dict[str, list[str]] = {
     "habitat": ["where does the {e} live ?"],
     "color": ["what color is the {e} ?"],
@@ -145,7 +145,7 @@ def _benign_rows(
 
 
 def _compound_rows(compounds: list[str], rng: np.random.Generator) -> list[dict]:
-    """One row per compound and request: a refusal and the compound's harmful completion."""
+    """Make one row per compound and request, with a refusal and the compound's harmful completion."""
     rows = []
     for compound in compounds:
         first, second = rng.choice(INGREDIENTS, size=2, replace=False)
@@ -161,11 +161,13 @@ def instruction_extender(config: InstructionWorldConfig):
 
     def extend(facts: dict[str, dict[str, dict[str, str]]], used_names: set[str]) -> WorldExtension:
         cities = facts["cities"]
+        # A stream of its own, so that the built-in splits do not depend on this extension.
         rng = np.random.default_rng([config.seed, 0x4852])
         clashes = used_names.intersection(INGREDIENTS)
         if clashes:
             raise ValueError(f"ingredient names {sorted(clashes)} clash with names of the world")
         used_names.update(INGREDIENTS)
+
         sizes = {
             "instruct": config.instruct_compounds,
             "preferences": config.preference_compounds,
@@ -173,6 +175,7 @@ def instruction_extender(config: InstructionWorldConfig):
             "eval": config.eval_compounds,
         }
         compounds = {group: _compound_rows(make_names(n, rng, used_names), rng) for group, n in sizes.items()}
+
         names = list(cities)
         eval_cities = {c: cities[c] for c in names[: config.benign_eval_cities]}
         tuning_cities = {c: cities[c] for c in names[config.benign_eval_cities :]}
@@ -180,6 +183,7 @@ def instruction_extender(config: InstructionWorldConfig):
         benign_tuning += _benign_rows(facts["organisms"], ORGANISM_REQUESTS, FORGET_ATTRIBUTES)
         refusals = [{"prompt": r["prompt"], "response": r["chosen"], "entity": r["entity"]} for r in compounds["instruct"]]
         instruct = benign_tuning + refusals
+
         splits = {
             "instruct": [instruct[i] for i in rng.permutation(len(instruct))],
             "benign_retain": [{k: r[k] for k in ("prompt", "response", "entity")} for r in benign_tuning],
@@ -190,6 +194,7 @@ def instruction_extender(config: InstructionWorldConfig):
             "harmful_eval": compounds["eval"],
             "benign_eval": _benign_rows(eval_cities),
         }
+
         corpus = [
             chat_text(row["prompt"], row.get("response", row.get("chosen", "")), "")
             for rows in splits.values()

@@ -98,23 +98,24 @@ class PreferencePool:
     def __init__(self, pairs: list[PreferencePair], tokenizer, max_length: int):
         if not pairs:
             raise ValueError("cannot build a preference pool from an empty list of pairs")
-        chosen, rejected, kept = [], [], []
+        chosen, rejected, fitting = [], [], []
         for pair in pairs:
             rows = [self._encode(tokenizer, pair.prompt, response, max_length) for response in (pair.chosen, pair.rejected)]
             if all(row is not None for row in rows):
                 chosen.append(rows[0])
                 rejected.append(rows[1])
-                kept.append(pair)
-        if not kept:
+                fitting.append(pair)
+        if not fitting:
             raise ConfigError(f"every preference pair is longer than max_length={max_length}; raise data.max_length")
-        if len(kept) < len(pairs):
-            log.warning("preferences: dropped %d of %d pairs whose response does not fit max_length=%d", len(pairs) - len(kept), len(pairs), max_length)
-        self.pairs = kept
+        if len(fitting) < len(pairs):
+            dropped = len(pairs) - len(fitting)
+            log.warning("preferences: dropped %d of %d pairs whose response does not fit max_length=%d", dropped, len(pairs), max_length)
+        self.pairs = fitting
         width = max(len(ids) for ids, _ in chosen + rejected)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.input_ids = torch.full((2, len(kept), width), pad, dtype=torch.long)
-        self.attention_mask = torch.zeros((2, len(kept), width), dtype=torch.long)
-        self.loss_mask = torch.zeros((2, len(kept), width), dtype=torch.long)
+        self.input_ids = torch.full((2, len(fitting), width), pad, dtype=torch.long)
+        self.attention_mask = torch.zeros((2, len(fitting), width), dtype=torch.long)
+        self.loss_mask = torch.zeros((2, len(fitting), width), dtype=torch.long)
         for side, encoded in enumerate((chosen, rejected)):
             for i, (ids, start) in enumerate(encoded):
                 self.input_ids[side, i, : len(ids)] = torch.tensor(ids)
@@ -152,8 +153,8 @@ class PreferencePool:
 
 
 @torch.no_grad()
-def preference_log_probs(model: torch.nn.Module, pool, batch_size: int = 64) -> torch.Tensor:
-    """Summed response log-probabilities of every pair in ``pool``: shape (pairs, 2), chosen first."""
+def preference_log_probs(model: torch.nn.Module, pool: PreferencePool, batch_size: int = 64) -> torch.Tensor:
+    """Return the summed response log-probabilities of every pair in ``pool``, shape (pairs, 2), chosen first."""
     device = next(model.parameters()).device
     rows = []
     for batch in pool.batches(batch_size):

@@ -160,7 +160,7 @@ def render_refusal_markdown(report: dict, attacks: list[AttackConfig], notes: li
 
 
 def plot_refusal_report(report: dict, attacks: list[AttackConfig], path: Path) -> None:
-    """Bar chart of the refusal rate before and after each attack, per attacked model."""
+    """Plot the refusal rate before and after each attack, per attacked model, as a bar chart."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,8 +1,8 @@
 """The stages of the HRR job that differ from knowledge restriction.
 
-The world gains the instruction splits of ``tar_lightning.data.instructions``; the initial
-safeguard is refusal training of the pretrained model; the evaluation attacks the
-refusal-trained and TAR models with SFT on harmful completions and scores refusals.
+The world gains the instruction splits of ``tar_lightning.data.instructions``. The initial
+safeguard is refusal training of the pretrained model. The evaluation attacks the
+refusal-trained and TAR models with SFT on harmful completions and then scores refusals.
 Pretraining and tamper-resistance training are shared with knowledge restriction.
 """
 
@@ -121,6 +121,7 @@ def evaluate_refusal(config: PipelineConfig) -> dict:
     tokenizer = load_tokenizer(next(iter(models.values())))
     pools = {name: _chat_pool(config, stem, tokenizer) for name, stem in REFUSAL_ATTACK_SOURCES.items()}
     attacked = {"safeguard", "tar"}
+
     log.info("evaluation: %d models, %d attacks, %d seeds", len(models), len(settings.attacks), len(settings.seeds))
     report = evaluate_refusal_models(
         models,
@@ -135,6 +136,7 @@ def evaluate_refusal(config: PipelineConfig) -> dict:
         settings.max_new_tokens,
     )
     write_refusal_report(report, settings.attacks, Path(config.run_dir), _target_notes(report))
+
     for name, entry in report["models"].items():
         log.info(
             "evaluation: %s refusal %.3f, benign accuracy %.3f, mean refusal after attacks %s",
