@@ -14,7 +14,7 @@ REFUSAL_ATTACK_SOURCES = {"harmful": "hrr_adversary_harmful", "benign": "hrr_ben
 
 
 def _default_refusal_training() -> FinetuneConfig:
-    return FinetuneConfig(optimizer="adamw", learning_rate=5e-4, steps=700, batch_size=32, schedule="warmup_cosine", warmup_steps=50)
+    return FinetuneConfig(optimizer="adamw", learning_rate=5e-4, steps=1000, batch_size=32, schedule="warmup_cosine", warmup_steps=50)
 
 
 def default_refusal_attacks() -> list[AttackConfig]:
