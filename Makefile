@@ -1,5 +1,6 @@
 # tar-lightning: every target creates .venv on first use.
 #   make train OBJECTIVE=wkr ARGS="--model.inner_steps 8"
+#   make train OBJECTIVE=hrr
 #   make redteam OBJECTIVE=wkr ARGS="--redteam.quick true"
 #   make test
 #   make tensorboard
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Objectives with a config of their own; configs/tiny.yaml is an overlay, not an objective.
-OBJECTIVES := wkr
+OBJECTIVES := wkr hrr
 
 check-objective:
 	@if ! echo " $(OBJECTIVES) " | grep -q " $(OBJECTIVE) "; then \

@@ -142,3 +142,17 @@ def default_adversaries() -> list[AdversaryConfig]:
         AdversaryConfig(name="forget_b", forget_source="forget_b"),
         AdversaryConfig(name="retain_then_forget", forget_source="forget_a", retain_then_forget=True),
     ]
+
+
+def default_refusal_adversaries() -> list[AdversaryConfig]:
+    """Return the harmful-request-refusal mix: SFT on harmful completions, half of it after benign chat.
+
+    Both train on the ``harmful`` corpus of harmful completions. The second trains on the
+    ``benign`` corpus first, until a switch step drawn from Beta(6, 3) times K.
+    """
+    return [
+        AdversaryConfig(name="harmful_sft", forget_source="harmful", batch_size=16),
+        AdversaryConfig(
+            name="benign_then_harmful", forget_source="harmful", retain_source="benign", retain_then_forget=True, batch_size=16
+        ),
+    ]

@@ -51,7 +51,10 @@ class TARLightningCLI(LightningCLI):
 
     def _validate(self, config: PipelineConfig) -> None:
         problems = config.validate()
-        problems += self.model.validate_arguments(set(self.datamodule.adversary_sources))
+        problems += self.model.validate_arguments(
+            set(self.datamodule.adversary_sources), self.datamodule.preference_source is not None
+        )
+        problems += pipeline.objective_problems(config, self.model.hparams.tr_loss)
         if self.trainer.max_steps is None or self.trainer.max_steps < 1:
             problems.append(f"trainer.max_steps must be a positive number of outer steps, got {self.trainer.max_steps}")
         if problems:

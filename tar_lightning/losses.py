@@ -40,6 +40,35 @@ def negative_entropy_loss(logits: torch.Tensor, attention_mask: torch.Tensor) ->
     return -masked_entropy(logits, attention_mask)
 
 
+def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's tokens where ``loss_mask`` is 1; shape (batch,).
+
+    ``loss_mask`` marks the scored tokens themselves (a completion, not its prompt or
+    padding), so position t of the logits contributes when ``loss_mask[:, t + 1]`` is 1.
+    """
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (picked * loss_mask[:, 1:].to(picked.dtype)).sum(dim=1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Mean sigmoid DPO loss over pairs, from summed completion log-probabilities of shape (pairs,).
+
+    loss = -log sigmoid(beta * ((log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r)))), as in
+    "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" and the
+    harmful-request-refusal objective of "Tamper-Resistant Safeguards for Open-Weight LLMs".
+    Minimising it raises the chosen completion's likelihood relative to the rejected one.
+    """
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
 def representation_distance(
     hidden_states: tuple[torch.Tensor, ...],
     base_hidden_states: tuple[torch.Tensor, ...],

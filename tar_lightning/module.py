@@ -16,6 +16,8 @@ full parameter dict; exact meta-gradients through LoRA adversaries (they stay fi
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
 from dataclasses import asdict
 from typing import Literal
@@ -26,7 +28,14 @@ import schedulefree
 import torch
 
 from tar_lightning.errors import ConfigError
-from tar_lightning.adversaries import AdversaryConfig, SampledAdversary, default_adversaries, sample_adversary
+from tar_lightning.data.preferences import preference_log_probs
+from tar_lightning.adversaries import (
+    AdversaryConfig,
+    SampledAdversary,
+    default_adversaries,
+    default_refusal_adversaries,
+    sample_adversary,
+)
 from tar_lightning.evaluation.mcq import multiple_choice_accuracy
 from tar_lightning.inner_loop import (
     InnerLoopResult,
@@ -36,13 +45,35 @@ from tar_lightning.inner_loop import (
     run_inner_loop,
     tr_step_weights,
 )
+from tar_lightning.losses import (
+    dpo_loss,
+    gradient_surrogate,
+    negative_cross_entropy_loss,
+    negative_entropy_loss,
+    next_token_loss,
+    representation_distance,
+    sequence_log_probs,
+)
 from tar_lightning.meta_gradient import run_inner_loop_exact
-from tar_lightning.losses import gradient_surrogate, negative_entropy_loss, next_token_loss, representation_distance
 from tar_lightning.models import load_causal_lm
+
+log = logging.getLogger("tar_lightning")
 
 
 def _entropy_tr_loss(model, params, batch) -> torch.Tensor:
     return negative_entropy_loss(functional_forward(model, params, batch).logits, batch["attention_mask"])
+
+
+def _negative_cross_entropy_tr_loss(model, params, batch) -> torch.Tensor:
+    logits = functional_forward(model, params, batch).logits
+    return negative_cross_entropy_loss(logits, batch["input_ids"], batch["attention_mask"])
+
+
+def _dpo_tr_loss(model, params, batch, beta: float) -> torch.Tensor:
+    """Return the DPO loss of a ``PreferencePool`` batch to which reference log-probabilities were added."""
+    logits = functional_forward(model, params, batch).logits
+    chosen, rejected = sequence_log_probs(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
+    return dpo_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"], beta)
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> float:
@@ -57,17 +88,26 @@ class TARModule(L.LightningModule):
         base_model_path: Directory or hub name of the original model before the safeguard;
             frozen, it anchors the representation term of the retain loss.
         adversaries: The training adversary distribution. ``null`` (the default) is the
-            authors' mix: forget corpus A, forget corpus B and retain-then-forget in equal
-            parts, learning rates from ``AdversaryConfig``.
+            authors' mix for the objective that ``tr_loss`` implies. For ``entropy``: forget
+            corpus A, forget corpus B and retain-then-forget in equal parts. For ``dpo``: SFT
+            on the ``harmful`` corpus, and benign-then-harmful in equal parts. Learning rates
+            come from ``AdversaryConfig``.
         inner_steps: K, simulated attack steps per outer step.
         tr_every: Take the tamper-resistance loss after every ``tr_every``-th inner step.
         step_weighting: ``uniform`` averages the tamper-resistance losses over the steps where
             they are taken; ``exponential`` weighs step k by exp(0.0625 (k - (K - 1))).
+        tr_loss: Tamper-resistance loss. ``entropy``: negative entropy of held-out forget text
+            (knowledge restriction). ``negative_cross_entropy``: minus the next-token loss of
+            that text, the variant the authors rejected. ``dpo``: sigmoid DPO on held-out preference pairs
+            (harmful request refusal), which needs ``data.preferences``; the reference
+            log-probabilities are those of the model at the start of training, computed
+            once and stored in every checkpoint.
+        dpo_beta: beta of the DPO loss.
         tr_weight: lambda_TR, weight of the tamper-resistance gradient.
         retain_weight: lambda_retain, weight of the retain loss.
         representation_weight: Weight of the representation term inside the retain loss.
         tr_loss_floor: Skip a tamper-resistance gradient whose loss is already at -ln(vocab),
-            the maximal entropy.
+            the maximal entropy. Only with ``tr_loss: entropy``.
         learning_rate: Outer learning rate (schedule-free AdamW).
         warmup_steps: Outer warmup steps of schedule-free AdamW.
         weight_decay: Outer weight decay.
@@ -97,6 +137,8 @@ class TARModule(L.LightningModule):
         inner_steps: int = 16,
         tr_every: int = 4,
         step_weighting: Literal["uniform", "exponential"] = "uniform",
+        tr_loss: Literal["entropy", "negative_cross_entropy", "dpo"] = "entropy",
+        dpo_beta: float = 0.1,
         tr_weight: float = 4.0,
         retain_weight: float = 1.0,
         representation_weight: float = 1.0,
@@ -115,7 +157,10 @@ class TARModule(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.adversaries = [copy.deepcopy(a) for a in adversaries] if adversaries else default_adversaries()
+        if adversaries:
+            self.adversaries = [copy.deepcopy(a) for a in adversaries]
+        else:
+            self.adversaries = default_refusal_adversaries() if tr_loss == "dpo" else default_adversaries()
         # Plain dicts, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["adversaries"])
         self.hparams["adversaries"] = [asdict(a) for a in self.adversaries]
@@ -131,9 +176,16 @@ class TARModule(L.LightningModule):
         self._inner_params: dict[str, torch.Tensor] | None = None
         self._tr_grads: list[torch.Tensor] | None = None
         self._inner_optimizers: dict[str, InnerOptimizer] = {}
+        # DPO reference log-probabilities of every x_TR pair, (pairs, 2): computed from the
+        # starting weights before the first outer step, or restored from a checkpoint.
+        self.dpo_reference: torch.Tensor | None = None
 
-    def validate_arguments(self, sources: set[str] | None = None) -> list[str]:
-        """Return every problem of the arguments, each naming its dotted key."""
+    def validate_arguments(self, sources: set[str] | None = None, has_preferences: bool | None = None) -> list[str]:
+        """Return every problem of the arguments, each naming its dotted key.
+
+        ``sources`` (the adversary corpora) and ``has_preferences`` (whether x_TR is preference
+        pairs) describe the data; a check whose argument is ``None`` is skipped.
+        """
         hp = self.hparams
         problems = []
         if hp.inner_steps < 1:
@@ -145,6 +197,12 @@ class TARModule(L.LightningModule):
                 problems.append(f"model.{key} must not be negative, got {hp[key]}")
         if not hp.learning_rate > 0:
             problems.append(f"model.learning_rate must be positive, got {hp.learning_rate}")
+        if hp.tr_loss not in ("entropy", "negative_cross_entropy", "dpo"):
+            problems.append(f"model.tr_loss must be 'entropy', 'negative_cross_entropy' or 'dpo', got {hp.tr_loss!r}")
+        if not hp.dpo_beta > 0:
+            problems.append(f"model.dpo_beta must be positive, got {hp.dpo_beta}")
+        if hp.tr_loss != "entropy" and hp.tr_loss_floor:
+            problems.append(f"model.tr_loss_floor applies to the entropy loss only; set it to false with tr_loss {hp.tr_loss}")
         if hp.grad_clip is not None and not hp.grad_clip > 0:
             problems.append(f"model.grad_clip must be positive or null, got {hp.grad_clip}")
         if hp.meta_gradient == "exact":
@@ -161,6 +219,10 @@ class TARModule(L.LightningModule):
             problems.append(f"model.meta_grad_clip must be positive or null, got {hp.meta_grad_clip}")
         for i, adversary in enumerate(self.adversaries):
             problems += adversary.validate(f"model.adversaries[{i}]", sources)
+        if hp.tr_loss == "dpo" and has_preferences is False:
+            problems.append("model.tr_loss dpo needs preference pairs: set data.preferences instead of data.tamper_resistance")
+        if hp.tr_loss != "dpo" and has_preferences:
+            problems.append(f"data.preferences needs model.tr_loss dpo; the {hp.tr_loss} loss takes data.tamper_resistance text")
         return problems
 
     @property
@@ -180,7 +242,7 @@ class TARModule(L.LightningModule):
         pools = getattr(datamodule, "adversary_pools", None)
         if pools is None:
             raise RuntimeError("TARModule needs a datamodule with adversary_pools, such as TARDataModule")
-        problems = self.validate_arguments(set(pools))
+        problems = self.validate_arguments(set(pools), getattr(datamodule, "preference_source", None) is not None)
         if problems:
             raise ConfigError.from_problems("invalid model config", problems)
 
@@ -199,6 +261,29 @@ class TARModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.base_model.to(self.device)
+        if self.hparams.tr_loss == "dpo":
+            self._prepare_dpo_reference()
+
+    def _prepare_dpo_reference(self) -> None:
+        """Compute the DPO reference log-probabilities once, from the weights training starts from.
+
+        A resumed run restores them from its checkpoint in ``on_load_checkpoint``, which runs
+        before this hook; recomputing them from the resumed weights would change the loss.
+        """
+        pool = self.trainer.datamodule.tr_pool
+        if self.dpo_reference is None:
+            if self.trainer.ckpt_path is not None:
+                raise RuntimeError(
+                    f"checkpoint {self.trainer.ckpt_path} has no DPO reference log-probabilities; "
+                    "it was not written by a tr_loss dpo run, so start a fresh run instead of resuming"
+                )
+            self.dpo_reference = preference_log_probs(self.model, pool)
+            log.info("tar: cached DPO reference log-probabilities of %d pairs", len(pool))
+        if self.dpo_reference.shape[0] != len(pool):
+            raise RuntimeError(
+                f"the DPO reference has {self.dpo_reference.shape[0]} pairs but data.preferences has {len(pool)}; "
+                "resume with the preference data that the run started with"
+            )
 
     def on_train_start(self) -> None:
         self._schedule_free().train()
@@ -208,7 +293,8 @@ class TARModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
-        inner = self._tamper_resistance_gradient(adversary, batch["tr"])
+        tr_batch = self._with_reference(batch["tr"])
+        inner = self._tamper_resistance_gradient(adversary, tr_batch)
         retain = self._retain_loss(batch["retain"])
         norms = self._outer_step(retain["loss"], inner.tr_grads)
         metrics = {
@@ -230,6 +316,20 @@ class TARModule(L.LightningModule):
             {"tr": metrics["train/tr_loss"], "retain": metrics["train/retain_loss"]}, prog_bar=True, logger=False
         )
 
+    def _with_reference(self, tr_batch: dict) -> dict:
+        """Add the cached DPO reference log-probabilities of the batch's pairs (DPO loss only)."""
+        if self.hparams.tr_loss != "dpo":
+            return tr_batch
+        reference = self.dpo_reference[tr_batch["index"].cpu()].to(self.device)
+        return {**tr_batch, "reference_chosen": reference[:, 0], "reference_rejected": reference[:, 1]}
+
+    def _tr_loss_fn(self):
+        if self.hparams.tr_loss == "dpo":
+            return functools.partial(_dpo_tr_loss, beta=self.hparams.dpo_beta)
+        if self.hparams.tr_loss == "negative_cross_entropy":
+            return _negative_cross_entropy_tr_loss
+        return _entropy_tr_loss
+
     def _tamper_resistance_gradient(self, adversary: SampledAdversary, tr_batch: dict) -> InnerLoopResult:
         """Attack a functional copy of the weights for K steps; return the weighted TR gradient."""
         pools = self.trainer.datamodule.adversary_pools
@@ -246,7 +346,7 @@ class TARModule(L.LightningModule):
             self._inner_optimizers[key] = InnerOptimizer(adversary.config.optimizer, eps=self.hparams.inner_eps)
         learning_rates = [adversary.learning_rate_at(k) for k in steps]
         attack = (self.model, self._copy_weights(), batches, learning_rates, self._inner_optimizers[key])
-        tamper_resistance = (tr_batch, _entropy_tr_loss, self.tr_weights)
+        tamper_resistance = (tr_batch, self._tr_loss_fn(), self.tr_weights)
         if low_rank is not None:
             return run_inner_loop(*attack, *tamper_resistance, floor, self._tr_grads, low_rank, self.batch_generator)
         if self.hparams.meta_gradient == "exact":
@@ -332,9 +432,13 @@ class TARModule(L.LightningModule):
             checkpoint["optimizer_states"] = [copy.deepcopy(optimizer.state_dict())]
             optimizer.train()
         checkpoint["tar_sampling"] = {"rng": self.rng.bit_generator.state, "batches": self.batch_generator.get_state()}
+        if self.dpo_reference is not None:
+            checkpoint["tar_dpo_reference"] = self.dpo_reference.clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("tar_sampling")
         if state is not None:
             self.rng.bit_generator.state = state["rng"]
             self.batch_generator.set_state(state["batches"])
+        if "tar_dpo_reference" in checkpoint:
+            self.dpo_reference = checkpoint["tar_dpo_reference"]

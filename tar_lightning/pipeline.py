@@ -1,6 +1,9 @@
-"""The stages of the WKR job around tamper-resistance training.
+"""The stages of the job around tamper-resistance training.
 
 world -> base model -> initial safeguard -> (TAR, run by the Lightning trainer) -> evaluation.
+``objective`` picks knowledge restriction (``wkr``: Random Mapping safeguard, multiple-choice
+evaluation) or harmful request refusal (``hrr``: instruction data in the world, refusal
+training as the safeguard, refusal evaluation; see ``tar_lightning.hrr``).
 Each stage writes its output under the run directory. A stage whose output already exists is
 skipped with a message, so delete a stage's folder to run it again.
 """
@@ -10,15 +13,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from tar_lightning.data.instructions import instruction_extender
 from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, load_questions, load_texts
 from tar_lightning.data.world import WORLD_FILES, WorldConfig, generate_world
 from tar_lightning.evaluation.attacks import AttackConfig
 from tar_lightning.evaluation.mcq import multiple_choice_accuracy
 from tar_lightning.evaluation.report import evaluate_models, write_report
 from tar_lightning.finetune import FinetuneConfig, finetune
+from tar_lightning.hrr import stages as hrr_stages
+from tar_lightning.hrr.config import HRRConfig
 from tar_lightning.models import LlamaSize, build_llama, is_saved_model, load_causal_lm, load_tokenizer, save_model
 from tar_lightning.safeguards import RandomMappingConfig, apply_random_mapping
 
@@ -94,16 +101,21 @@ class PipelineConfig:
     """Every stage of the job except tamper-resistance training itself.
 
     Args:
+        objective: ``wkr`` (knowledge restriction) or ``hrr`` (harmful request refusal). It
+            picks the world's extra data, the initial safeguard and the evaluation; the
+            TAR loss is set separately by ``model.tr_loss`` (``entropy`` or ``dpo``).
         run_dir: Folder of every output: world, models, checkpoints, logs, report.
         resume: Continue tamper-resistance training from the last Lightning checkpoint when
             one exists and no ``ckpt_path`` is given.
         max_length: Sequences are truncated to this many tokens in every stage.
         world: The built-in world.
         base: Base model pretraining.
-        safeguard: The initial Random Mapping safeguard.
-        evaluation: Attacks and scoring of the base, safeguard-only and TAR models.
+        safeguard: The initial Random Mapping safeguard (``wkr`` only).
+        evaluation: Attacks and scoring of the base, safeguard-only and TAR models (``wkr`` only).
+        hrr: Instruction data, refusal training and evaluation (``hrr`` only).
     """
 
+    objective: Literal["wkr", "hrr"] = "wkr"
     run_dir: str = "checkpoints/wkr"
     resume: bool = True
     max_length: int = 64
@@ -111,6 +123,7 @@ class PipelineConfig:
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     safeguard: RandomMappingConfig = field(default_factory=RandomMappingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    hrr: HRRConfig = field(default_factory=HRRConfig)
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -144,7 +157,21 @@ class PipelineConfig:
             problems.append(f"pipeline.evaluation.attacks names must be unique, got {names}")
         for i, attack in enumerate(self.evaluation.attacks):
             problems += attack.validate(f"pipeline.evaluation.attacks[{i}]", set(ATTACK_SOURCES))
+        if self.objective == "hrr":
+            problems += self.hrr.validate("pipeline.hrr", self.world.eval_cities + self.world.extra_cities)
         return problems
+
+
+# The tamper-resistance loss each objective is built for.
+OBJECTIVE_TR_LOSS = {"wkr": "entropy", "hrr": "dpo"}
+
+
+def objective_problems(config: PipelineConfig, tr_loss: str) -> list[str]:
+    """Return a problem when ``model.tr_loss`` does not fit ``pipeline.objective``."""
+    expected = OBJECTIVE_TR_LOSS[config.objective]
+    if tr_loss == expected:
+        return []
+    return [f"model.tr_loss must be {expected!r} with pipeline.objective {config.objective!r}, got {tr_loss!r}"]
 
 
 # Corpora of the built-in world that attacks can train on, by name.
@@ -173,7 +200,8 @@ def build_world(config: PipelineConfig) -> Path:
         log.info("world: %s exists, skipping", world_dir)
         return world_dir
     log.info("world: writing %s", world_dir)
-    generate_world(config.world, world_dir)
+    extend = instruction_extender(config.hrr.world) if config.objective == "hrr" else None
+    generate_world(config.world, world_dir, extend)
     return world_dir
 
 
@@ -212,7 +240,9 @@ def pretrain_base(config: PipelineConfig) -> Path:
 
 
 def apply_safeguard(config: PipelineConfig) -> Path:
-    """Stage 3: apply Random Mapping on forget text to the base model."""
+    """Stage 3: apply Random Mapping on forget text to the base model, or refusal training for ``hrr``."""
+    if config.objective == "hrr":
+        return hrr_stages.train_refusal(config)
     out = config.paths["safeguard"]
     if is_saved_model(out):
         log.info("safeguard: %s exists, skipping", out)
@@ -259,6 +289,8 @@ def _target_notes(report: dict) -> list[str]:
 
 def evaluate(config: PipelineConfig) -> dict:
     """Stage 5: score base, safeguard-only and TAR models before and after every attack."""
+    if config.objective == "hrr":
+        return hrr_stages.evaluate_refusal(config)
     report_path = config.paths["report"]
     models = {name: str(config.paths[name]) for name in ("base", "safeguard", "tar") if is_saved_model(config.paths[name])}
     tokenizer = load_tokenizer(next(iter(models.values())))

@@ -87,4 +87,4 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
     timing = (run_dir / "fit_seconds.json").read_text()
     again = run_ablation(config)
     assert (run_dir / "fit_seconds.json").read_text() == timing
-    assert again["cells"]["no_tr"]["forget_after_mean"] == summary["cells"]["no_tr"]["forget_after_mean"]
+    assert again["cells"]["no_tr"]["forget_after_mean"]["mean"] == summary["cells"]["no_tr"]["forget_after_mean"]["mean"]

@@ -71,3 +71,22 @@ def test_pipeline_problems_name_dotted_keys():
     assert "pipeline.safeguard.steps" in problems
     assert "pipeline.evaluation.seeds" in problems
     assert "pipeline.evaluation.attacks[0]" in problems
+
+
+def test_hrr_config_selects_dpo_and_pairs():
+    cli = make_cli(["--config", str(CONFIGS / "hrr.yaml"), "--pipeline.run_dir", "/tmp/hrr_run"], run=False)
+    assert cli.config_init["pipeline"].objective == "hrr"
+    assert cli.model.hparams.tr_loss == "dpo"
+    assert cli.datamodule.preference_source.path == "/tmp/hrr_run/world/hrr_preferences.jsonl"
+    assert cli.datamodule.tr_source is None
+    assert set(cli.datamodule.adversary_sources) == {"harmful", "benign"}
+    assert cli.datamodule.retain_source.response_column == "response"
+
+
+def test_hrr_pipeline_problems_name_dotted_keys():
+    config = PipelineConfig(objective="hrr")
+    config.hrr.world.eval_compounds = 0
+    config.hrr.evaluation.attacks[0].data = "forget_a"
+    problems = "\n".join(config.validate())
+    assert "pipeline.hrr.world.eval_compounds" in problems
+    assert "pipeline.hrr.evaluation.attacks[0]" in problems

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from tar_lightning.losses import (
+    dpo_loss,
     gradient_surrogate,
     masked_entropy,
     negative_entropy_loss,
     next_token_loss,
     random_mapping_loss,
     representation_distance,
+    sequence_log_probs,
 )
 
 # Two rows of three tokens, the second padded at its last position.
@@ -187,3 +189,52 @@ def test_negative_cross_entropy_is_minus_next_token_loss():
     log_probs = torch.log_softmax(logits, dim=-1)
     expected = (log_probs[0, 0, 2] + log_probs[0, 1, 3] + log_probs[1, 0, 5]) / 3
     assert negative_cross_entropy_loss(logits, input_ids, attention_mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_sequence_log_probs_counts_masked_tokens_only():
+    input_ids = torch.tensor([[0, 1, 2], [0, 3, 1]])
+    # Row 0 scores tokens 1 and 2; row 1 scores only token 3 (its last token is masked out).
+    loss_mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    logits = torch.stack(
+        [
+            logits_from_probs([[0.1, 0.5, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]),
+            logits_from_probs([[0.1, 0.1, 0.2, 0.6], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]),
+        ]
+    )
+
+    log_probs = sequence_log_probs(logits, input_ids, loss_mask)
+
+    assert log_probs.shape == (2,)
+    assert log_probs[0].item() == pytest.approx(math.log(0.5) + math.log(0.25), rel=1e-6)
+    assert log_probs[1].item() == pytest.approx(math.log(0.6), rel=1e-6)
+
+
+def test_dpo_loss_hand_value():
+    policy_chosen = torch.tensor([-4.0, -10.0])
+    policy_rejected = torch.tensor([-12.0, -3.0])
+    reference_chosen = torch.tensor([-5.0, -8.0])
+    reference_rejected = torch.tensor([-10.0, -6.0])
+    # Pair 0: margin (-4 + 5) - (-12 + 10) = 3. Pair 1: margin (-10 + 8) - (-3 + 6) = -5.
+    # With beta 0.1: -log sigmoid(0.3) and -log sigmoid(-0.5), averaged.
+    expected = (math.log(1 + math.exp(-0.3)) + math.log(1 + math.exp(0.5))) / 2
+
+    loss = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1)
+
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dpo_loss_at_reference_is_log_two():
+    values = torch.tensor([-7.0, -2.0, -9.0])
+
+    assert dpo_loss(values, values - 1, values, values - 1, beta=0.1).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_dpo_loss_gradient_raises_chosen():
+    chosen = torch.tensor([-6.0], requires_grad=True)
+    rejected = torch.tensor([-6.0], requires_grad=True)
+
+    dpo_loss(chosen, rejected, torch.tensor([-6.0]), torch.tensor([-6.0]), beta=0.1).backward()
+
+    # At the reference, d loss / d chosen = -beta * sigmoid(0) = -0.05 and the opposite for rejected.
+    assert chosen.grad.item() == pytest.approx(-0.05, rel=1e-6)
+    assert rejected.grad.item() == pytest.approx(0.05, rel=1e-6)

@@ -1,4 +1,4 @@
-"""The data of tamper-resistance training: retain text, x_TR text and the adversaries' corpora."""
+"""The data of tamper-resistance training: retain text, x_TR (text or preference pairs) and the adversaries' corpora."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from tar_lightning.errors import ConfigError
+from tar_lightning.data.preferences import PreferencePool, PreferenceSource, load_preferences
 from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, load_questions, load_texts
 from tar_lightning.models import load_tokenizer
 
@@ -14,7 +15,7 @@ from tar_lightning.models import load_tokenizer
 class _OuterBatches(IterableDataset):
     """Endless pairs of a retain batch and a tamper-resistance batch, one pair per outer step."""
 
-    def __init__(self, retain: TokenPool, tr: TokenPool, retain_batch_size: int, tr_batch_size: int, seed: int, length: int):
+    def __init__(self, retain: TokenPool, tr: TokenPool | PreferencePool, retain_batch_size: int, tr_batch_size: int, seed: int, length: int):
         self.retain, self.tr = retain, tr
         self.retain_batch_size, self.tr_batch_size = retain_batch_size, tr_batch_size
         self.seed, self.length = seed, length
@@ -35,16 +36,21 @@ class TARDataModule(L.LightningDataModule):
     """Forget, retain and adversary data for tamper-resistance training.
 
     Each training batch is a dict with a ``retain`` batch (for the retain loss) and a ``tr``
-    batch (x_TR, held-out forget text for the tamper-resistance loss). The adversaries'
-    corpora are exposed as ``adversary_pools``, from which the module draws the K inner-step
-    batches of the adversary it samples.
+    batch (x_TR for the tamper-resistance loss): held-out forget text, or held-out preference
+    pairs when ``preferences`` is set (see ``PreferencePool`` for that batch's layout). The
+    adversaries' corpora are exposed as ``adversary_pools``, from which the module draws the
+    K inner-step batches of the adversary it samples. Chat sources (``response_column`` set)
+    are rendered with the chat template and the tokenizer's end-of-sequence token.
 
     Args:
         tokenizer: Directory or hub name of the tokenizer (usually the model's directory).
         retain: Retain text for the retain loss.
-        tamper_resistance: Held-out forget text (x_TR), never used by adversaries.
+        tamper_resistance: Held-out forget text (x_TR) for the entropy loss, never used by
+            adversaries. Set exactly one of ``tamper_resistance`` and ``preferences``.
         adversary: Named corpora that adversaries train on, for example ``forget_a``,
             ``forget_b`` and ``retain``; adversary configs refer to them by name.
+        preferences: Held-out preference pairs (x_TR) for the DPO loss, never used by
+            adversaries.
         eval_questions: Named multiple-choice sets scored during training and logged as
             ``eval/<name>_acc``.
         max_length: Sequences are truncated to this many tokens.
@@ -57,18 +63,23 @@ class TARDataModule(L.LightningDataModule):
         self,
         tokenizer: str,
         retain: TextSource,
-        tamper_resistance: TextSource,
-        adversary: dict[str, TextSource],
+        tamper_resistance: TextSource | None = None,
+        adversary: dict[str, TextSource] | None = None,
         eval_questions: dict[str, QuestionSource] | None = None,
         max_length: int = 64,
         retain_batch_size: int = 32,
         tr_batch_size: int = 32,
         seed: int = 0,
+        preferences: PreferenceSource | None = None,
     ):
         super().__init__()
         problems = []
         if not adversary:
             problems.append("data.adversary must name at least one corpus")
+        if (tamper_resistance is None) == (preferences is None):
+            problems.append(
+                "set exactly one of data.tamper_resistance (text, entropy loss) and data.preferences (pairs, DPO loss)"
+            )
         for key, value in (("max_length", max_length), ("retain_batch_size", retain_batch_size), ("tr_batch_size", tr_batch_size)):
             if value < 1:
                 problems.append(f"data.{key} must be at least 1, got {value}")
@@ -77,7 +88,8 @@ class TARDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer
         self.retain_source = retain
         self.tr_source = tamper_resistance
-        self.adversary_sources = dict(adversary)
+        self.preference_source = preferences
+        self.adversary_sources = dict(adversary or {})
         self.eval_sources = dict(eval_questions or {})
         self.max_length = max_length
         self.retain_batch_size = retain_batch_size
@@ -91,9 +103,13 @@ class TARDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_path)
-        pool = lambda source: TokenPool(load_texts(source), self.tokenizer, self.max_length)  # noqa: E731
+        eos = self.tokenizer.eos_token
+        pool = lambda source: TokenPool(load_texts(source, eos), self.tokenizer, self.max_length)  # noqa: E731
         self.retain_pool = pool(self.retain_source)
-        self.tr_pool = pool(self.tr_source)
+        if self.preference_source is not None:
+            self.tr_pool = PreferencePool(load_preferences(self.preference_source), self.tokenizer, self.max_length)
+        else:
+            self.tr_pool = pool(self.tr_source)
         self.adversary_pools = {name: pool(source) for name, source in self.adversary_sources.items()}
         self.eval_questions = {name: load_questions(source) for name, source in self.eval_sources.items()}
 

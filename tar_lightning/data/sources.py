@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from tar_lightning.data.chat import chat_text
 from tar_lightning.errors import ConfigError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -23,7 +24,11 @@ class TextSource:
 
     Args:
         path: Local file or folder (JSONL, JSON, CSV, Parquet) or a hub dataset name.
-        column: Column that contains the text.
+        column: Column that contains the text, or the request when ``response_column`` is set.
+        response_column: When set, each row is a chat exchange: ``column`` is the request,
+            this column the response, and the text is rendered with the chat template. For
+            example Magpie (``instruction``, ``response``) or the harmful side of Toxic-DPO
+            (``prompt``, ``chosen``: that data set prefers the harmful answer).
         split: Split to read; local files have the single split ``train``.
         subset: Hub configuration name, if the dataset has several.
         max_rows: Read at most this many rows (all when ``None``).
@@ -31,6 +36,7 @@ class TextSource:
 
     path: str
     column: str = "text"
+    response_column: str | None = None
     split: str = "train"
     subset: str | None = None
     max_rows: int | None = None
@@ -86,7 +92,8 @@ def load_table(path: str, split: str = "train", subset: str | None = None) -> da
     return datasets.load_dataset(path, subset, split=split)
 
 
-def _checked(table: datasets.Dataset, path: str, columns: list[str], max_rows: int | None) -> datasets.Dataset:
+def checked_table(table: datasets.Dataset, path: str, columns: list[str], max_rows: int | None) -> datasets.Dataset:
+    """Return ``table`` cut to ``max_rows``; raise ``ConfigError`` on a missing column or no rows."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ConfigError(
@@ -100,16 +107,28 @@ def _checked(table: datasets.Dataset, path: str, columns: list[str], max_rows: i
     return table
 
 
-def load_texts(source: TextSource) -> list[str]:
-    """Return the text column of ``source``; raise ``ValueError`` if it is missing or empty."""
-    table = _checked(load_table(source.path, source.split, source.subset), source.path, [source.column], source.max_rows)
-    return [str(text) for text in table[source.column]]
+def load_texts(source: TextSource, eos_token: str | None = None) -> list[str]:
+    """Return the texts of ``source``; raise ``ValueError`` if a column is missing or it is empty.
+
+    With ``source.response_column`` set, each text is ``chat_text(request, response, eos_token)``,
+    so ``eos_token`` (the tokenizer's end-of-sequence token) is then required.
+    """
+    columns = [source.column] + ([source.response_column] if source.response_column else [])
+    table = checked_table(load_table(source.path, source.split, source.subset), source.path, columns, source.max_rows)
+    if source.response_column is None:
+        return [str(text) for text in table[source.column]]
+    if eos_token is None:
+        raise ValueError(f"chat source {source.path!r} needs the tokenizer's eos_token to render its texts")
+    return [
+        chat_text(str(request), str(response), eos_token)
+        for request, response in zip(table[source.column], table[source.response_column], strict=True)
+    ]
 
 
 def load_questions(source: QuestionSource) -> list[dict]:
     """Return rows with keys ``question``, ``choices`` and ``answer``; raise ``ValueError`` on bad rows."""
     columns = [source.question_column, source.choices_column, source.answer_column]
-    table = _checked(load_table(source.path, source.split, source.subset), source.path, columns, source.max_rows)
+    table = checked_table(load_table(source.path, source.split, source.subset), source.path, columns, source.max_rows)
     rows = []
     for i, row in enumerate(table):
         choices = list(row[source.choices_column])

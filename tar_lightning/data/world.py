@@ -25,7 +25,8 @@ before a safeguard hides them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,27 @@ WORLD_FILES = {
 DERIVED_SPLITS = ("adversary_forget_ood", "adversary_adjacent")
 
 
-def _make_names(count: int, rng: np.random.Generator, used_names: set[str]) -> list[str]:
+@dataclass
+class WorldExtension:
+    """Extra splits that an objective adds to the world, written next to the built-in ones.
+
+    Attributes:
+        splits: File stem -> rows, written as ``<stem>.jsonl``.
+        corpus: Texts the word-level tokenizer must cover in addition to the world's own.
+    """
+
+    splits: dict[str, list[dict]] = field(default_factory=dict)
+    corpus: list[str] = field(default_factory=list)
+
+
+# Builds an extension from the world's facts and the set of names already in use, which it
+# must extend with any name it makes. Facts are keyed by "cities" and "organisms", each
+# name -> attribute -> value in generation order.
+WorldExtender = Callable[[dict[str, dict[str, dict[str, str]]], set[str]], WorldExtension]
+
+
+def make_names(count: int, rng: np.random.Generator, used_names: set[str]) -> list[str]:
+    """Make ``count`` new pronounceable names that are not in ``used_names``, and add them to it."""
     names: list[str] = []
     while len(names) < count:
         syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(int(rng.integers(2, 4)))]
@@ -229,11 +250,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def generate_world(config: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
+def generate_world(config: WorldConfig, out_dir: str | Path, extend: WorldExtender | None = None) -> dict[str, Path]:
     """Write the world's JSONL splits and a word-level tokenizer under ``out_dir``.
 
-    Returns a mapping from split name (see ``WORLD_FILES``) to file path. The tokenizer is
-    saved in Hugging Face format under ``out_dir/tokenizer``.
+    Returns a mapping from split name (see ``WORLD_FILES``, plus the stems of ``extend``'s
+    splits) to file path. The tokenizer is saved in Hugging Face format under
+    ``out_dir/tokenizer``. ``extend`` runs after every built-in split is drawn, so it leaves
+    them unchanged.
     """
     problems = config.validate()
     if problems:
@@ -249,9 +272,9 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
         "adversary_b": config.adversary_organisms,
         "tamper_resistance": config.tamper_resistance_organisms,
     }
-    organisms = {group: _assign(_make_names(n, rng, used_names), FORGET_ATTRIBUTES, rng) for group, n in group_sizes.items()}
-    eval_cities = _assign(_make_names(config.eval_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
-    extra_cities = _assign(_make_names(config.extra_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
+    organisms = {group: _assign(make_names(n, rng, used_names), FORGET_ATTRIBUTES, rng) for group, n in group_sizes.items()}
+    eval_cities = _assign(make_names(config.eval_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
+    extra_cities = _assign(make_names(config.extra_cities, rng, used_names), RETAIN_ATTRIBUTES, rng)
     all_organisms = {e: f for group in organisms.values() for e, f in group.items()}
     all_cities = {**eval_cities, **extra_cities}
 
@@ -271,15 +294,23 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     splits.update(derive_splits(splits))
     pretrain = splits["forget"] + splits["retain"]
     splits["pretrain"] = [pretrain[i] for i in rng.permutation(len(pretrain))]
+    facts = {"cities": all_cities, "organisms": all_organisms}
+    extension = extend(facts, used_names) if extend is not None else WorldExtension()
 
     paths = {}
     for split, rows in splits.items():
         paths[split] = out / WORLD_FILES[split]
         _write_jsonl(paths[split], rows)
+    for stem, rows in extension.splits.items():
+        if stem in splits:
+            raise ValueError(f"world extension split {stem!r} clashes with a built-in split")
+        paths[stem] = out / f"{stem}.jsonl"
+        _write_jsonl(paths[stem], rows)
 
     corpus = [row["text"] for rows in splits.values() for row in rows if "text" in row]
     corpus += [row["question"] + " " + c for row in splits["forget_eval"] + splits["retain_eval"] for c in row["choices"]]
-    train_word_tokenizer(corpus, out / "tokenizer")
-    summary = {"config": asdict(config), "rows": {split: len(rows) for split, rows in splits.items()}}
+    train_word_tokenizer(corpus + extension.corpus, out / "tokenizer")
+    rows = {split: len(rows) for split, rows in [*splits.items(), *extension.splits.items()]}
+    summary = {"config": asdict(config), "rows": rows}
     (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     return paths

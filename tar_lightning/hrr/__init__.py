@@ -1,0 +1,1 @@
+"""Stages of the harmful-request-refusal (HRR) objective: instruction world, refusal training, evaluation."""
