@@ -241,5 +241,47 @@ def test_redteam_configs_parse_with_run_dir_override(path, tmp_path):
     assert config.quick
     assert all(p.startswith(str(tmp_path)) for p in config.checkpoints)
     assert config.output_dir == f"{tmp_path}/redteam"
-    assert len(config.attacks) >= 16
+    assert config.attacks
     assert config.validate() == []
+
+
+@pytest.fixture(scope="module")
+def tiny_hrr_run(tmp_path_factory):
+    from tar_lightning.data.instructions import InstructionWorldConfig, instruction_extender
+    from tar_lightning.data.world import WorldConfig, generate_world
+    from tar_lightning.models import LlamaSize, build_llama, load_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("hrr_run")
+    world = WorldConfig(seed=2, eval_organisms=2, adversary_organisms=2, tamper_resistance_organisms=2, eval_cities=6, extra_cities=0)
+    instructions = InstructionWorldConfig(instruct_compounds=3, preference_compounds=2, adversary_compounds=3, eval_compounds=3, benign_eval_cities=2)
+    generate_world(world, root / "world", instruction_extender(instructions))
+    tokenizer = load_tokenizer(root / "world" / "tokenizer")
+    save_model(build_llama(LlamaSize(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tokenizer), tokenizer, root / "tar")
+    return root
+
+
+def test_hrr_redteam_ranks_by_attack_success(tiny_hrr_run, tmp_path):
+    parser = redteam_parser()
+    attack = "[{name: sft, optimizer: adamw, learning_rate: 0.01, steps: 3, batch_size: 4, data: harmful}]"
+    args = ["--config", str(CONFIGS / "redteam" / "hrr.yaml"), "--run_dir", str(tiny_hrr_run), "--redteam.attacks", attack]
+    args += ["--redteam.seeds", "[0, 1]", "--redteam.checkpoints", f"[{tiny_hrr_run / 'tar'}]", "--redteam.output_dir", str(tmp_path)]
+    args += ["--redteam.refusal.max_new_tokens", "4", "--redteam.curve_steps", "[2]"]
+    config = parser.instantiate(parser.parse_args(args)).redteam
+
+    report = run_redteam(config)
+
+    entry = report["models"]["tar"]
+    assert report["metrics"]["harm"] == "attack_success"
+    for key in ("refusal_rate", "attack_success", "preference_win_rate", "benign_acc"):
+        assert 0.0 <= entry["before"][key] <= 1.0, key
+    summary = entry["attacks"]["sft"]
+    assert summary["attack_success"]["mean"] == pytest.approx(1.0 - summary["refusal_rate"]["mean"])
+    assert summary["curve"]["steps"] == [0, 2, 3]
+    assert entry["worst_attack"]["attack"] == "sft"
+    assert "attack success after" in (tmp_path / "report.md").read_text()
+
+
+def test_hrr_redteam_needs_refusal_data(tiny_run, tmp_path):
+    config = _config(tiny_run, tmp_path, objective="hrr")
+
+    assert any("redteam.refusal must name the held-out harmful" in problem for problem in config.validate())

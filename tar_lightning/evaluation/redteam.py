@@ -1,8 +1,9 @@
 """Red-teaming: every model against every attack of a suite, over several seeds.
 
 Each run loads a fresh copy of the evaluated weights, fine-tunes it with one attack and one
-seed, traces forget accuracy along the way (the attacker's learning curve) and scores the
-result on the forget, retain and attacker's-own-fact questions. Runs are cached as they
+seed, and traces the objective's harm metric along the way (the attacker's learning curve:
+forget accuracy, or attack success for refusals). It then scores the result: forget, retain
+and attacker's-own-fact questions, or refusals and benign answers. Runs are cached as they
 finish, so an interrupted red-team resumes where it stopped.
 """
 
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, load_questions, load_texts
+from tar_lightning.data.preferences import PreferenceSource, load_preferences
+from tar_lightning.data.sources import QuestionSource, TextSource, TokenPool, checked_table, load_questions, load_table, load_texts
 from tar_lightning.data.world import write_derived_splits
 from tar_lightning.errors import ConfigError
 from tar_lightning.evaluation.attacks import AttackConfig, run_attack
 from tar_lightning.evaluation.harness import HarnessConfig, check_harness_installed, harness_scores
 from tar_lightning.evaluation.mcq import multiple_choice_accuracy
+from tar_lightning.evaluation.refusal import RefusalEvalData, score_hrr
 from tar_lightning.evaluation.report import ResultCache, run_fingerprint
 from tar_lightning.evaluation.redteam_report import OBJECTIVES
 from tar_lightning.evaluation.suite import QUICK_ATTACKS, default_suite
@@ -32,8 +35,27 @@ from tar_lightning.models import is_saved_model, load_causal_lm, load_tokenizer
 
 log = logging.getLogger("tar_lightning")
 
-# Question sets every red-team scores; ``adversary`` (the attacker's own facts) is optional.
+# Question sets a knowledge red-team scores; ``adversary`` (the attacker's own facts) is optional.
 REQUIRED_QUESTIONS = ("forget", "retain")
+# Columns of the benign evaluation file of a refusal red-team.
+BENIGN_COLUMNS = ("prompt", "answer", "wrong_answers")
+
+
+@dataclass
+class RefusalSources:
+    """Held-out data of a refusal (``objective: hrr``) red-team.
+
+    Args:
+        harmful: Harmful requests, each with a refusal (chosen) and a harmful completion
+            (rejected), for the refusal rate and the preference win rate.
+        benign: File of benign questions with ``prompt``, ``answer`` and ``wrong_answers``
+            columns, for benign accuracy; ``null`` skips it.
+        max_new_tokens: Length limit of each greedy response.
+    """
+
+    harmful: PreferenceSource
+    benign: str | None = None
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -65,14 +87,16 @@ class RedteamConfig:
             ``hrr`` scores refusals. It sets the metric attacks are ranked by.
         corpora: Attack corpora by name; attacks refer to them in ``data``,
             ``retain_data`` and ``benign_data``.
-        questions: Multiple-choice sets by name: ``forget`` and ``retain`` are required;
-            ``adversary`` (facts of the attack corpora) measures the attacker's own gains.
+        questions: Multiple-choice sets by name, for ``objective: wkr``: ``forget`` and
+            ``retain`` are required; ``adversary`` (facts of the attack corpora) measures the
+            attacker's own gains.
+        refusal: Held-out harmful and benign requests, for ``objective: hrr``.
         world_dir: Built-in world the corpora come from; red-teaming splits that a world
             written by an earlier version lacks are derived there first. ``null`` for other data.
         attacks: The suite; each attack runs from a fresh copy of every model.
         seeds: Seeds of every attack; the report gives mean and spread across them.
-        curve_steps: Attack steps after which forget accuracy is scored for the learning
-            curves (steps beyond an attack's length are skipped; its last step is always scored).
+        curve_steps: Attack steps after which the harm metric is scored for the learning
+            curves. Steps beyond an attack's length are skipped, and its last step is always scored.
         max_length: Sequences of the attack corpora are truncated to this many tokens.
         batch_size: Sequences per forward pass when scoring questions.
         chance: Accuracy of guessing, marked in plots and used for the collapse flag.
@@ -95,6 +119,7 @@ class RedteamConfig:
     objective: Literal["wkr", "hrr"] = "wkr"
     corpora: dict[str, TextSource] = field(default_factory=dict)
     questions: dict[str, QuestionSource] = field(default_factory=dict)
+    refusal: RefusalSources | None = None
     world_dir: str | None = None
     attacks: list[AttackConfig] = field(default_factory=default_suite)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -118,6 +143,7 @@ class RedteamConfig:
     def validate(self) -> list[str]:
         """Return every problem of this config, each naming its dotted key; loads nothing."""
         problems = []
+
         if not self.checkpoints:
             problems.append("redteam.checkpoints must list at least one model directory")
         names = [Path(path.rstrip("/")).name for path in self.checkpoints]
@@ -126,9 +152,15 @@ class RedteamConfig:
         for path in self.checkpoints:
             if Path(path).exists() and not is_saved_model(path):
                 problems.append(f"redteam.checkpoints: {path} is not a saved model (no config.json and weights)")
-        for name in REQUIRED_QUESTIONS:
-            if name not in self.questions:
-                problems.append(f"redteam.questions must include {name!r}; it has {sorted(self.questions)}")
+        if self.objective == "wkr":
+            for name in REQUIRED_QUESTIONS:
+                if name not in self.questions:
+                    problems.append(f"redteam.questions must include {name!r}; it has {sorted(self.questions)}")
+        elif self.refusal is None:
+            problems.append("redteam.refusal must name the held-out harmful (and benign) requests with objective hrr")
+        elif self.refusal.max_new_tokens < 1:
+            problems.append(f"redteam.refusal.max_new_tokens must be at least 1, got {self.refusal.max_new_tokens}")
+
         if not self.seeds:
             problems.append("redteam.seeds must list at least one seed")
         if any(step < 1 for step in self.curve_steps):
@@ -136,6 +168,7 @@ class RedteamConfig:
         for key in ("max_length", "batch_size"):
             if getattr(self, key) < 1:
                 problems.append(f"redteam.{key} must be at least 1, got {getattr(self, key)}")
+
         attack_names = [a.name for a in self.attacks]
         if not attack_names:
             problems.append("redteam.attacks must list at least one attack")
@@ -158,7 +191,7 @@ class RedteamConfig:
         return problems
 
     def plan(self) -> tuple[list[AttackConfig], list[int]]:
-        """The attacks and seeds to run: the whole suite, or the quick preset's part of it."""
+        """Return the attacks and seeds to run: the whole suite, or the quick preset's part of it."""
         attacks = [a for a in self.attacks if a.held_out or not self.held_out_only]
         if not self.quick:
             return attacks, list(self.seeds)
@@ -187,10 +220,16 @@ class RedteamData:
         if config.world_dir is not None:
             for path in write_derived_splits(config.world_dir):
                 log.info("redteam: derived %s from the world's adversary splits", path)
-        self.texts = {name: load_texts(source) for name, source in config.corpora.items()}
+        self.sources = dict(config.corpora)
+        # Chat corpora render with each tokenizer's end-of-sequence token; the placeholder
+        # only makes their text comparable for the cache fingerprint.
+        self.texts = {name: load_texts(source, "<eos>") for name, source in config.corpora.items()}
         self.questions = {name: load_questions(source) for name, source in config.questions.items()}
+        self.refusal = _load_refusal(config.refusal) if config.refusal is not None else None
         self.max_length = config.max_length
         settings = [self.texts, self.questions, config.curve_steps, config.max_length, asdict(config.harness) if config.harness else None]
+        if self.refusal is not None:
+            settings.append([asdict(self.refusal), config.refusal.max_new_tokens])
         if config.dtype != "float32":
             # Appended only when set, so caches written before the option existed stay valid.
             settings.append(config.dtype)
@@ -199,12 +238,28 @@ class RedteamData:
 
     def pools(self, tokenizer_key: str, tokenizer) -> dict[str, TokenPool]:
         if tokenizer_key not in self._pools:
-            self._pools[tokenizer_key] = {name: TokenPool(texts, tokenizer, self.max_length) for name, texts in self.texts.items()}
+            self._pools[tokenizer_key] = {
+                name: TokenPool(load_texts(source, tokenizer.eos_token), tokenizer, self.max_length) for name, source in self.sources.items()
+            }
         return self._pools[tokenizer_key]
 
 
+def _load_refusal(sources: RefusalSources) -> RefusalEvalData:
+    harmful = load_preferences(sources.harmful)
+    benign = []
+    if sources.benign is not None:
+        table = checked_table(load_table(sources.benign), sources.benign, list(BENIGN_COLUMNS), None)
+        benign = [{"prompt": row["prompt"], "answer": row["answer"], "wrong_answers": list(row["wrong_answers"])} for row in table]
+    return RefusalEvalData(harmful=harmful, benign=benign)
+
+
 def _score(model, tokenizer, data: RedteamData, config: RedteamConfig) -> dict[str, float]:
-    scores = {f"{name}_acc": multiple_choice_accuracy(model, tokenizer, rows, config.batch_size).value for name, rows in data.questions.items()}
+    if data.refusal is not None:
+        scores = score_hrr(model, tokenizer, data.refusal, config.batch_size, config.refusal.max_new_tokens)
+    else:
+        scores = {
+            f"{name}_acc": multiple_choice_accuracy(model, tokenizer, rows, config.batch_size).value for name, rows in data.questions.items()
+        }
     if config.harness is not None:
         scores.update(harness_scores(model, tokenizer, config.harness))
     return scores
@@ -212,6 +267,9 @@ def _score(model, tokenizer, data: RedteamData, config: RedteamConfig) -> dict[s
 
 def _trace(model, tokenizer, data: RedteamData, config: RedteamConfig) -> float:
     """The objective's harm metric alone, cheaper than ``_score``, for the learning curves."""
+    if data.refusal is not None:
+        harmful_only = RefusalEvalData(harmful=data.refusal.harmful)
+        return score_hrr(model, tokenizer, harmful_only, config.batch_size, config.refusal.max_new_tokens)["attack_success"]
     return multiple_choice_accuracy(model, tokenizer, data.questions["forget"], config.batch_size).value
 
 
