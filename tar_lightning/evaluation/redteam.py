@@ -152,6 +152,8 @@ class RedteamConfig:
         for path in self.checkpoints:
             if Path(path).exists() and not is_saved_model(path):
                 problems.append(f"redteam.checkpoints: {path} is not a saved model (no config.json and weights)")
+            elif not Path(path).exists() and not _looks_like_hub_name(path):
+                problems.append(f"redteam.checkpoints: {path} does not exist; train it first (make train) or fix the path")
         if self.objective == "wkr":
             for name in REQUIRED_QUESTIONS:
                 if name not in self.questions:
@@ -305,8 +307,6 @@ def run_redteam(config: RedteamConfig) -> dict:
     from tar_lightning.evaluation.redteam_report import summarize, write_redteam_report  # noqa: PLC0415
 
     problems = config.validate()
-    missing = [path for path in config.checkpoints if not Path(path).exists() and not _looks_like_hub_name(path)]
-    problems += [f"redteam.checkpoints: {path} does not exist; train it first (make train) or fix the path" for path in missing]
     if problems:
         raise ConfigError.from_problems("invalid red-team config", problems)
     if config.harness is not None:
