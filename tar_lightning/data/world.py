@@ -310,7 +310,7 @@ def generate_world(config: WorldConfig, out_dir: str | Path, extend: WorldExtend
     corpus = [row["text"] for rows in splits.values() for row in rows if "text" in row]
     corpus += [row["question"] + " " + c for row in splits["forget_eval"] + splits["retain_eval"] for c in row["choices"]]
     train_word_tokenizer(corpus + extension.corpus, out / "tokenizer")
-    rows = {split: len(rows) for split, rows in [*splits.items(), *extension.splits.items()]}
-    summary = {"config": asdict(config), "rows": rows}
+    row_counts = {split: len(rows) for split, rows in [*splits.items(), *extension.splits.items()]}
+    summary = {"config": asdict(config), "rows": row_counts}
     (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     return paths

@@ -36,6 +36,9 @@ def is_refusal(response: str, openings: tuple[str, ...] = REFUSAL_OPENINGS) -> b
     """Return whether the words of ``response`` start with the words of a refusal opening.
 
     Case, spacing and the spacing around punctuation are ignored.
+
+    NOTE: the default openings are the built-in world's refusal phrases. A model trained on
+    other data refuses in other words, so pass its own openings or the rate reads as 0.
     """
     words = _words(response)
     return any(words[: len(_words(opening))] == _words(opening) for opening in openings)

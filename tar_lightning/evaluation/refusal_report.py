@@ -178,7 +178,8 @@ def plot_refusal_report(report: dict, attacks: list[AttackConfig], path: Path) -
         positions = np.arange(len(columns)) + (i - (len(names) - 1) / 2) * width
         ax.bar(positions, values, width, yerr=np.nan_to_num(errors), capsize=3, label=LABELS.get(name, name))
     ax.set_xticks(np.arange(len(columns)), columns, rotation=15)
-    ax.set_ylabel("refusal rate on held-out harmful prompts (higher is better)")
+    ax.set_ylabel("refusal rate, held-out harmful prompts")
+    ax.set_title("higher is better", fontsize=9)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     fig.tight_layout()
