@@ -179,13 +179,14 @@ def ablate(args: list[str]) -> dict:
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``tar-lightning``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    args = sys.argv[1:] if args is None else list(args)
+    words = sys.argv[1:] if args is None else list(args)
     try:
-        if args and args[0] == "redteam":
-            redteam(args[1:])
-        elif args and args[0] == "ablate":
-            ablate(args[1:])
+        if words and words[0] == "redteam":
+            redteam(words[1:])
+        elif words and words[0] == "ablate":
+            ablate(words[1:])
         else:
+            # LightningCLI reads sys.argv itself when given None, and warns when given both.
             make_cli(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -288,3 +288,14 @@ def test_hrr_redteam_needs_refusal_data(tiny_run, tmp_path):
     config = _config(tiny_run, tmp_path, objective="hrr")
 
     assert any("redteam.refusal must name the held-out harmful" in problem for problem in config.validate())
+
+
+def test_missing_relative_model_is_not_looked_up_online(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    config = RedteamConfig(checkpoints=["checkpoints/nope", "someone/model"])
+
+    problems = [p for p in config.validate() if "redteam.checkpoints" in p]
+
+    # checkpoints/ exists here, so checkpoints/nope is a missing local model; someone/model may be a hub name.
+    assert problems == ["redteam.checkpoints: checkpoints/nope does not exist; train it first (make train) or fix the path"]

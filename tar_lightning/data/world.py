@@ -307,7 +307,9 @@ def generate_world(config: WorldConfig, out_dir: str | Path, extend: WorldExtend
         paths[stem] = out / f"{stem}.jsonl"
         _write_jsonl(paths[stem], rows)
 
-    corpus = [row["text"] for rows in splits.values() for row in rows if "text" in row]
+    # The derived splits reuse words of the other splits, so they stay out of the tokenizer's
+    # corpus: its word frequencies, and so its token ids, match worlds written without them.
+    corpus = [row["text"] for split, rows in splits.items() if split not in DERIVED_SPLITS for row in rows if "text" in row]
     corpus += [row["question"] + " " + c for row in splits["forget_eval"] + splits["retain_eval"] for c in row["choices"]]
     train_word_tokenizer(corpus + extension.corpus, out / "tokenizer")
     row_counts = {split: len(rows) for split, rows in [*splits.items(), *extension.splits.items()]}

@@ -352,8 +352,13 @@ def run_redteam(config: RedteamConfig) -> dict:
 
 
 def _looks_like_hub_name(path: str) -> bool:
-    # NOTE: a heuristic: "owner/name" that is not a local path is left for from_pretrained to fetch.
-    return not path.startswith((".", "/", "~")) and path.count("/") == 1
+    """Return whether a path that does not exist should go to ``from_pretrained`` as a hub name.
+
+    A hub name is ``owner/name`` whose owner is not a local folder, so ``checkpoints/nope``
+    is reported as a missing local model instead of being looked up online.
+    """
+    parts = path.split("/")
+    return not path.startswith((".", "/", "~")) and len(parts) == 2 and not Path(parts[0]).exists()
 
 
 def _tensorboard_writer(out: Path):
