@@ -191,7 +191,8 @@ def render_ablation(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary["cells"].items():
-        overrides = " ".join(entry["args"]) or "(defaults)"
+        # YAML folded lists can carry newlines, which would break the table row.
+        overrides = " ".join(" ".join(arg.split()) for arg in entry["args"]) or "(defaults)"
         lines.append(
             f"| {name} | `{overrides}` | {cell(entry['forget_before'])} | {cell(entry['forget_after_mean'])} | "
             f"{cell(entry['forget_after_worst'])} | {cell(entry['retain_after_mean'])} | {cell(entry['adversary_after_mean'])} | "

@@ -49,6 +49,9 @@ def test_table_shows_mean_and_standard_error():
     table = render_ablation(summary)
 
     assert "| k8 | `--model.inner_steps 8` | 0.500 ± 0.020 |" in table
+
+    summary["cells"]["k8"]["args"] = ["--model.adversaries", "[{name: a},\n {name: b}]"]
+    assert "`--model.adversaries [{name: a}, {name: b}]`" in render_ablation(summary)
     assert "average the held-out attacks" in table
 
 
