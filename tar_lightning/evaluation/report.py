@@ -38,10 +38,21 @@ def run_fingerprint(model_dir: str, attack: AttackConfig | None, questions_diges
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """Return the mean of ``values`` and its standard error (NaN for a single value)."""
     mean = float(np.mean(values))
     stderr = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return mean, stderr
+
+
+def summarise_attack(runs: list[dict], attack: AttackConfig) -> dict:
+    """Return the seed count, the mean and standard error of every metric, and the per-seed results of one attack."""
+    summary: dict = {"seeds": len(runs), "held_out": attack.held_out}
+    for metric in runs[0]:
+        if not metric.endswith("_se"):
+            summary[metric], summary[f"{metric}_se"] = mean_and_stderr([r[metric] for r in runs])
+    summary["per_seed"] = runs
+    return summary
 
 
 class ResultCache:
@@ -114,12 +125,7 @@ def evaluate_models(
         entry["post_attack"] = {}
         for attack in attacks:
             runs_of_attack = results[(name, attack.name)]
-            summary: dict = {"seeds": len(runs_of_attack), "held_out": attack.held_out}
-            for metric in runs_of_attack[0]:
-                if metric.endswith("_se"):
-                    continue
-                summary[metric], summary[f"{metric}_se"] = _mean_and_stderr([r[metric] for r in runs_of_attack])
-            summary["per_seed"] = runs_of_attack
+            summary = summarise_attack(runs_of_attack, attack)
             entry["post_attack"][attack.name] = summary
         forget_after = [entry["post_attack"][a.name]["forget_acc"] for a in attacks]
         entry["post_attack_forget_mean"] = float(np.mean(forget_after)) if forget_after else None
@@ -128,7 +134,8 @@ def evaluate_models(
     return report
 
 
-def _fmt(value: float | None, stderr: float | None = None) -> str:
+def format_cell(value: float | None, stderr: float | None = None) -> str:
+    """Format a table cell: ``-`` for no value, ``value ± stderr`` when the error is known."""
     if value is None:
         return "-"
     if stderr is None or math.isnan(stderr):
@@ -149,11 +156,11 @@ def render_markdown(report: dict, attacks: list[AttackConfig], notes: list[str])
         "|---" * (5 + len(attacks)) + "|",
     ]
     for name, entry in report["models"].items():
-        cells = [name, _fmt(entry["forget_acc"], entry["forget_acc_se"]), _fmt(entry["retain_acc"], entry["retain_acc_se"])]
+        cells = [name, format_cell(entry["forget_acc"], entry["forget_acc_se"]), format_cell(entry["retain_acc"], entry["retain_acc_se"])]
         for attack in attacks:
             post = entry["post_attack"][attack.name]
-            cells.append(_fmt(post["forget_acc"], post["forget_acc_se"]))
-        cells += [_fmt(entry["post_attack_forget_mean"]), _fmt(entry["post_attack_forget_worst"])]
+            cells.append(format_cell(post["forget_acc"], post["forget_acc_se"]))
+        cells += [format_cell(entry["post_attack_forget_mean"]), format_cell(entry["post_attack_forget_worst"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Retain accuracy and the attacker's accuracy on its own training facts after each attack:", ""]
     lines.append("| model | attack | retain after | attacker's own facts | attacker's final loss |")
@@ -161,10 +168,10 @@ def render_markdown(report: dict, attacks: list[AttackConfig], notes: list[str])
     for name, entry in report["models"].items():
         for attack in attacks:
             post = entry["post_attack"][attack.name]
-            own = _fmt(post.get("adversary_acc"), post.get("adversary_acc_se"))
+            own = format_cell(post.get("adversary_acc"), post.get("adversary_acc_se"))
             lines.append(
-                f"| {name} | {attack.name} | {_fmt(post['retain_acc'], post['retain_acc_se'])} | {own} | "
-                f"{_fmt(post['final_loss'], post['final_loss_se'])} |"
+                f"| {name} | {attack.name} | {format_cell(post['retain_acc'], post['retain_acc_se'])} | {own} | "
+                f"{format_cell(post['final_loss'], post['final_loss_se'])} |"
             )
     lines += ["", "Attacks:", ""]
     for attack in attacks:
