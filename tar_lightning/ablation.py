@@ -178,7 +178,7 @@ def run_ablation(config: AblationConfig) -> dict:
 
 
 def render_ablation(summary: dict) -> str:
-    """One table row per cell: means ± standard errors over training seeds."""
+    """Render one table row per cell: means ± standard errors over training seeds."""
 
     def cell(metric: dict) -> str:
         return f"{metric['mean']:.3f}" if math.isnan(metric["se"]) else f"{metric['mean']:.3f} ± {metric['se']:.3f}"

@@ -59,7 +59,7 @@ class AdversaryConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LowRankAdversary.targets))
 
     def low_rank(self) -> LowRankAdversary | None:
-        """The functional LoRA update of this adversary, or ``None`` for a full-parameter one."""
+        """Return the functional LoRA update of this adversary, or ``None`` for a full-parameter one."""
         if self.lora_rank == 0:
             return None
         return LowRankAdversary(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))

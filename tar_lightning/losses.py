@@ -126,7 +126,7 @@ def negative_cross_entropy_loss(logits: torch.Tensor, input_ids: torch.Tensor, a
 
     Minimising it maximises the attacked model's cross-entropy on forget text. The authors of
     "Tamper-Resistant Safeguards for Open-Weight LLMs" report it unstable, with an effect that
-    vanishes once an attack runs longer than K, and chose the entropy loss; it is kept so that
-    the comparison can be rerun. It has no lower bound.
+    vanishes once an attack runs longer than K, so they chose the entropy loss. It is kept so
+    that the comparison can be rerun. It has no lower bound.
     """
     return -next_token_loss(logits, input_ids, attention_mask)

@@ -58,7 +58,7 @@ def _digest(directory) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir()) if path.is_file()}
 
 
-def test_run_attack_trains_a_copy_and_never_writes_the_model(tiny_run, pools):
+def test_run_attack_leaves_model_unwritten(tiny_run, pools):
     before = _digest(tiny_run / "model_a")
     traced = []
 

@@ -397,7 +397,7 @@ def test_low_rank_adversary_matches_peft_style_reference(model, batches):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
     for name in params:
         assert torch.equal(params[name], original[name]), f"{name} changed: a LoRA attacker must not write the weights"
-    # B starts at zero, so the first step sees the weights themselves.
+    # B starts at zero, so the first step uses the weights themselves.
     first = next_token_loss(functional_forward(model, original, adversary[0]).logits, adversary[0]["input_ids"], adversary[0]["attention_mask"])
     assert result.adversary_losses[0] == pytest.approx(first.item(), rel=1e-6)
     assert len(result.adversary_losses) == 3

@@ -148,7 +148,7 @@ def test_truncation_out_of_range_raises(setup, truncation):
 
 
 
-def test_adam_meta_gradient_finite_where_a_weight_gets_no_gradient(setup):
+def test_adam_meta_gradient_finite_without_gradient(setup):
     model, params, batches, tr_batch = setup
     for batch in batches:
         batch["x"][:, 2] = 0.0  # the hidden layer's weights of input 2 get no adversary gradient

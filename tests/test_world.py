@@ -196,7 +196,7 @@ def test_write_derived_splits_upgrades_an_older_world(world, tmp_path):
     assert write_derived_splits(tmp_path) == []
 
 
-def test_derived_splits_use_only_words_of_the_original_templates(world, tmp_path):
+def test_derived_splits_reuse_template_words(world, tmp_path):
     # A tokenizer trained on a world without the derived splits still covers them.
     out, splits = world
     original = {word for split in WORLD_FILES if split not in DERIVED_SPLITS for row in splits[split] for word in row.get("text", "").split()}

@@ -101,8 +101,8 @@ class RedteamConfig:
         batch_size: Sequences per forward pass when scoring questions.
         chance: Accuracy of guessing, marked in plots and used for the collapse flag.
         collapse_margin: A model whose mean retain accuracy after an attack is at most
-            ``chance + collapse_margin`` is flagged as collapsed: its forget accuracy then
-            says nothing about a safeguard.
+            ``chance + collapse_margin`` is flagged as collapsed, because its forget accuracy
+            then does not measure a safeguard.
         held_out_only: Run only the attacks marked ``held_out``.
         quick: Run ``quick_preset`` instead of the whole suite.
         quick_preset: Attacks, seeds and length of a quick run.
@@ -268,7 +268,7 @@ def _score(model, tokenizer, data: RedteamData, config: RedteamConfig) -> dict[s
 
 
 def _trace(model, tokenizer, data: RedteamData, config: RedteamConfig) -> float:
-    """The objective's harm metric alone, cheaper than ``_score``, for the learning curves."""
+    """Return the objective's harm metric alone, cheaper than ``_score``, for the learning curves."""
     if data.refusal is not None:
         harmful_only = RefusalEvalData(harmful=data.refusal.harmful)
         return score_hrr(model, tokenizer, harmful_only, config.batch_size, config.refusal.max_new_tokens)["attack_success"]

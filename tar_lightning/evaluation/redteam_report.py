@@ -16,7 +16,7 @@ from tar_lightning.evaluation.report import grouped_bar_chart
 
 @dataclass(frozen=True)
 class ObjectiveMetrics:
-    """What a red-team of one objective measures.
+    """The metrics a red-team of one objective reports.
 
     Attributes:
         harm: Metric that rises as the attack succeeds; attacks are ranked by it.
@@ -122,7 +122,7 @@ def _cell(spread: dict | None) -> str:
 
 
 def describe_attack(attack: AttackConfig) -> str:
-    """One line that says what an attack does."""
+    """Return one line that describes an attack."""
     parts = [attack.optimizer, f"lr {attack.learning_rate:g}", f"{attack.steps} steps of {attack.batch_size}", f"on {attack.data}"]
     if attack.schedule != "constant":
         parts.append(f"{attack.schedule} ({attack.warmup_steps} warmup" + (f", cycles of {attack.restart_steps})" if attack.schedule == "sgdr" else ")"))
@@ -153,12 +153,12 @@ def _introduction(report: dict) -> str:
     return (
         f"{scale} Attack cells give mean ± standard deviation [min, max] over seeds {report['seeds']}. "
         f"An attack is marked COLLAPSED when mean {utility} after it is at most {threshold:.2f}; "
-        f"its low {harm} then says nothing about the safeguard."
+        f"its low {harm} then does not measure the safeguard."
     )
 
 
 def render_redteam_markdown(report: dict, attacks: list[AttackConfig]) -> str:
-    """One summary table across models, then one table per model with its worst attack first."""
+    """Render one summary table across models, then one table per model with its worst attack first."""
     metrics = report["metrics"]
     harm, utility, own = metrics["harm"], metrics["utility"], metrics["own"]
     harm_label, utility_label, own_label = metrics["labels"]
@@ -199,7 +199,7 @@ def render_redteam_markdown(report: dict, attacks: list[AttackConfig]) -> str:
 
 
 def plot_curves(report: dict, path: Path) -> None:
-    """The harm metric against attack step, one panel per model, one line per attack."""
+    """Plot the harm metric against attack step, one panel per model, one line per attack."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +231,7 @@ def plot_curves(report: dict, path: Path) -> None:
 
 
 def plot_attacks(report: dict, attacks: list[AttackConfig], path: Path) -> None:
-    """The harm metric after each attack per model, with seed spread and chance marked."""
+    """Plot the harm metric after each attack per model, with seed spread and chance marked."""
     harm = report["metrics"]["harm"]
     labels = [a.name for a in attacks]
     series = {}
