@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -28,6 +29,9 @@ log = logging.getLogger("tar_lightning")
 
 # Stages a cell with ``share_stages`` links from the source run instead of running them.
 SHARED_STAGES = ("world", "base", "safeguard")
+# Attack steps of the durability columns. Forget accuracy this far into each attack, averaged
+# over the scored attacks, separates a defence that delays the attacker from one that prevents.
+DURABILITY_STEPS = (16, 64, 256)
 
 
 @dataclass
@@ -60,6 +64,8 @@ class AblationConfig:
         source_run: Finished training run whose world, base and safeguard models shared cells link.
         output_dir: Folder of the runs and of ablation.json, ablation.md and ablation.png.
         held_out_only: Score with the suite's held-out attacks only.
+        only: Names of the cells to run and tabulate; ``null`` runs them all. Separate
+            commands, each with its own cells, can share one ``output_dir``.
     """
 
     cells: list[AblationCell] = field(default_factory=list)
@@ -70,6 +76,10 @@ class AblationConfig:
     source_run: str = "checkpoints/wkr"
     output_dir: str = "checkpoints/ablate/wkr"
     held_out_only: bool = True
+    only: list[str] | None = None
+
+    def selected_cells(self) -> list[AblationCell]:
+        return [cell for cell in self.cells if self.only is None or cell.name in self.only]
 
     def validate(self) -> list[str]:
         problems = []
@@ -78,12 +88,15 @@ class AblationConfig:
             problems.append("ablation.cells must list at least one cell")
         if len(set(names)) != len(names):
             problems.append(f"ablation.cells names must be unique, got {names}")
+        unknown = sorted(set(self.only or []) - set(names))
+        if unknown:
+            problems.append(f"ablation.only names unknown cells {unknown}; the cells are {names}")
         if not self.seeds:
             problems.append("ablation.seeds must list at least one seed")
         for path in [*self.fit_configs, self.redteam_config]:
             if not Path(path).is_file():
                 problems.append(f"ablation: config file {path} not found")
-        if any(cell.share_stages for cell in self.cells):
+        if any(cell.share_stages for cell in self.selected_cells()):
             missing = [stage for stage in SHARED_STAGES if not (Path(self.source_run) / stage).exists()]
             if missing:
                 problems.append(
@@ -93,16 +106,25 @@ class AblationConfig:
         return problems
 
 
-def _run(command: list[str], log_path: Path) -> float:
-    """Run ``command`` with its output appended to ``log_path``; return its wall-clock seconds."""
-    start = time.perf_counter()
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: list[str], log_path: Path) -> tuple[float, float]:
+    """Run ``command`` with its output appended to ``log_path``; return its wall-clock and CPU seconds.
+
+    CPU seconds (user plus system, over all threads) stay comparable when other work shares
+    the machine, which wall-clock seconds do not.
+    """
+    start, start_cpu = time.perf_counter(), _children_cpu_seconds()
     with log_path.open("a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
     if process.returncode != 0:
         raise RuntimeError(f"command failed with exit code {process.returncode}; see {log_path}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_seconds() - start_cpu
 
 
 def _link_stages(source: Path, run_dir: Path) -> None:
@@ -127,8 +149,8 @@ def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
     fit += ["--pipeline.run_dir", str(run_dir), "--pipeline.evaluation.enabled", "false"]
     fit += ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed), *cell.args]
     if not (run_dir / "tar" / "config.json").is_file():
-        seconds = _run(fit, run_dir / "ablation.log")
-        timing.write_text(json.dumps({"fit_seconds": seconds}) + "\n")
+        seconds, cpu_seconds = _run(fit, run_dir / "ablation.log")
+        timing.write_text(json.dumps({"fit_seconds": seconds, "fit_cpu_seconds": cpu_seconds}) + "\n")
 
     redteam = [sys.executable, "-m", "tar_lightning.cli", "redteam", "--config", config.redteam_config, "--run_dir", str(run_dir)]
     redteam += ["--redteam.checkpoints", f"[{run_dir / 'tar'}]", "--redteam.extend_report", "null"]
@@ -136,9 +158,10 @@ def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
     _run(redteam, run_dir / "ablation.log")
 
     report = json.loads((run_dir / "redteam" / "report.json").read_text())["models"]["tar"]
-    seconds = json.loads(timing.read_text())["fit_seconds"] if timing.is_file() else float("nan")
+    times = json.loads(timing.read_text()) if timing.is_file() else {}
     after = report["attacks"].values()
     return {
+        **_durability(after),
         "forget_before": report["before"]["forget_acc"],
         "retain_before": report["before"]["retain_acc"],
         "forget_after_mean": report["held_out_mean"] if config.held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
@@ -146,8 +169,22 @@ def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
         "retain_after_mean": float(np.mean([a["retain_acc"]["mean"] for a in after])),
         "adversary_after_mean": float(np.mean([a["adversary_acc"]["mean"] for a in after if "adversary_acc" in a])),
         "collapsed_attacks": len(report["collapsed_attacks"]),
-        "fit_seconds": seconds,
+        "fit_seconds": times.get("fit_seconds", float("nan")),
+        "fit_cpu_seconds": times.get("fit_cpu_seconds", float("nan")),
     }
+
+
+def _durability(attacks) -> dict[str, float]:
+    """Forget accuracy at each of ``DURABILITY_STEPS``, averaged over the attacks that reach it."""
+    curves = {}
+    for step in DURABILITY_STEPS:
+        values = [
+            attack["curve"]["mean"][attack["curve"]["steps"].index(step)]
+            for attack in attacks
+            if "curve" in attack and step in attack["curve"]["steps"]
+        ]
+        curves[f"forget_at_step_{step}"] = float(np.mean(values)) if values else float("nan")
+    return curves
 
 
 def _mean_se(values: list[float]) -> dict[str, float]:
@@ -164,7 +201,7 @@ def run_ablation(config: AblationConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"seeds": config.seeds, "held_out_only": config.held_out_only, "cells": {}}
-    for cell in config.cells:
+    for cell in config.selected_cells():
         runs = []
         for seed in config.seeds:
             log.info("ablation: cell %s, seed %d", cell.name, seed)
@@ -184,39 +221,65 @@ def render_ablation(summary: dict) -> str:
         return f"{metric['mean']:.3f}" if math.isnan(metric["se"]) else f"{metric['mean']:.3f} ± {metric['se']:.3f}"
 
     scope = "held-out attacks" if summary["held_out_only"] else "all attacks"
+    steps = " / ".join(str(step) for step in DURABILITY_STEPS)
     lines = [
         f"Means over training seeds {summary['seeds']} ± standard error; post-attack columns average the {scope}.",
+        f"Durability: forget accuracy after {steps} attack steps. Training CPU seconds count every thread.",
         "",
-        "| cell | overrides | forget before | forget after, mean | forget after, worst attack | retain after | attacker's own facts | collapsed attacks | training seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cell | overrides | forget before | forget after, mean | forget after, worst attack | durability "
+        f"({steps} steps) | retain after | attacker's own facts | collapsed attacks | training CPU seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary["cells"].items():
         # YAML folded lists can carry newlines, which would break the table row.
         overrides = " ".join(" ".join(arg.split()) for arg in entry["args"]) or "(defaults)"
+        durability = " / ".join(f"{entry[f'forget_at_step_{step}']['mean']:.2f}" for step in DURABILITY_STEPS)
         lines.append(
             f"| {name} | `{overrides}` | {cell(entry['forget_before'])} | {cell(entry['forget_after_mean'])} | "
-            f"{cell(entry['forget_after_worst'])} | {cell(entry['retain_after_mean'])} | {cell(entry['adversary_after_mean'])} | "
-            f"{entry['collapsed_attacks']['mean']:.1f} | {entry['fit_seconds']['mean']:.0f} |"
+            f"{cell(entry['forget_after_worst'])} | {durability} | {cell(entry['retain_after_mean'])} | "
+            f"{cell(entry['adversary_after_mean'])} | {entry['collapsed_attacks']['mean']:.1f} | {_compute(entry)['mean']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _compute(entry: dict) -> dict[str, float]:
+    """Training CPU seconds, or wall-clock seconds for runs recorded before CPU time was."""
+    cpu = entry.get("fit_cpu_seconds")
+    return cpu if cpu is not None and not math.isnan(cpu["mean"]) else entry["fit_seconds"]
+
+
 def plot_ablation(summary: dict, path: Path) -> None:
-    """Post-attack forget accuracy against training time, one point per cell with error bars."""
+    """Left: post-attack forget accuracy against training compute, one point per cell with
+    error bars. Right: the durability curve of each cell, forget accuracy against attack step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, entry in summary["cells"].items():
-        x, y = entry["fit_seconds"], entry["forget_after_mean"]
-        ax.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["se"]), yerr=np.nan_to_num(y["se"]), fmt="o", capsize=3)
-        ax.annotate(name, (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
-    ax.set_xlabel("TAR training wall-clock seconds")
-    ax.set_ylabel("forget accuracy after attack (dotted: chance)")
-    ax.set_ylim(0, 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    has_curve = False
+    for index, (name, entry) in enumerate(summary["cells"].items()):
+        color = f"C{index % 10}"
+        x, y = _compute(entry), entry["forget_after_mean"]
+        left.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["se"]), yerr=np.nan_to_num(y["se"]), fmt="o", capsize=3, color=color)
+        left.annotate(name, (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        curve = [entry[f"forget_at_step_{step}"]["mean"] for step in DURABILITY_STEPS]
+        if not all(math.isnan(value) for value in curve):
+            right.plot(DURABILITY_STEPS, curve, marker="o", color=color, label=name)
+            has_curve = True
+    for ax in (left, right):
+        ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
+        ax.set_ylim(0, 1)
+    left.set_xlabel("TAR training CPU seconds")
+    left.set_ylabel("forget accuracy after attack, mean (dotted: chance)")
+    if has_curve:
+        right.set_xscale("log", base=2)
+        right.set_xticks(DURABILITY_STEPS, [str(step) for step in DURABILITY_STEPS])
+        right.legend(fontsize=7)
+    else:
+        right.text(0.5, 0.5, f"no attack reached step {DURABILITY_STEPS[0]}", ha="center", transform=right.transAxes)
+    right.set_xlabel("attack step")
+    right.set_ylabel("forget accuracy, mean over attacks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -52,7 +52,7 @@ class TARLightningCLI(LightningCLI):
     def _validate(self, config: PipelineConfig) -> None:
         problems = config.validate()
         problems += self.model.validate_arguments(
-            set(self.datamodule.adversary_sources), self.datamodule.preference_source is not None
+            set(self.datamodule.adversary_sources), self.datamodule.preference_source is not None, self.datamodule.tr_batch_size
         )
         problems += pipeline.objective_problems(config, self.model.hparams.tr_loss)
         if self.trainer.max_steps is None or self.trainer.max_steps < 1:

@@ -94,6 +94,12 @@ class TARModule(L.LightningModule):
             come from ``AdversaryConfig``.
         inner_steps: K, simulated attack steps per outer step.
         tr_every: Take the tamper-resistance loss after every ``tr_every``-th inner step.
+        attacks_per_step: Independent attacks simulated per outer step, each with its own
+            sampled adversary and its own share of the x_TR batch (which is split into this
+            many parts, so ``data.tr_batch_size`` must be at least this); their
+            tamper-resistance gradients are averaged. Several attacks per step lower the
+            variance of the TR gradient, like data-parallel ranks that each sample one attack.
+            The cost of an outer step grows linearly with it.
         step_weighting: ``uniform`` averages the tamper-resistance losses over the steps where
             they are taken; ``exponential`` weighs step k by exp(0.0625 (k - (K - 1))).
         tr_loss: Tamper-resistance loss. ``entropy``: negative entropy of held-out forget text
@@ -136,6 +142,7 @@ class TARModule(L.LightningModule):
         adversaries: list[AdversaryConfig] | None = None,
         inner_steps: int = 16,
         tr_every: int = 4,
+        attacks_per_step: int = 1,
         step_weighting: Literal["uniform", "exponential"] = "uniform",
         tr_loss: Literal["entropy", "negative_cross_entropy", "dpo"] = "entropy",
         dpo_beta: float = 0.1,
@@ -180,11 +187,14 @@ class TARModule(L.LightningModule):
         # starting weights before the first outer step, or restored from a checkpoint.
         self.dpo_reference: torch.Tensor | None = None
 
-    def validate_arguments(self, sources: set[str] | None = None, has_preferences: bool | None = None) -> list[str]:
+    def validate_arguments(
+        self, sources: set[str] | None = None, has_preferences: bool | None = None, tr_batch_size: int | None = None
+    ) -> list[str]:
         """Return every problem of the arguments, each naming its dotted key.
 
-        ``sources`` (the adversary corpora) and ``has_preferences`` (whether x_TR is preference
-        pairs) describe the data; a check whose argument is ``None`` is skipped.
+        ``sources`` (the adversary corpora), ``has_preferences`` (whether x_TR is preference
+        pairs) and ``tr_batch_size`` (sequences per x_TR batch) describe the data; a check
+        whose argument is ``None`` is skipped.
         """
         hp = self.hparams
         problems = []
@@ -192,6 +202,13 @@ class TARModule(L.LightningModule):
             problems.append(f"model.inner_steps must be at least 1, got {hp.inner_steps}")
         if not 1 <= hp.tr_every <= max(hp.inner_steps, 1):
             problems.append(f"model.tr_every must be in [1, inner_steps={hp.inner_steps}], got {hp.tr_every}")
+        if hp.attacks_per_step < 1:
+            problems.append(f"model.attacks_per_step must be at least 1, got {hp.attacks_per_step}")
+        elif tr_batch_size is not None and tr_batch_size < hp.attacks_per_step:
+            problems.append(
+                f"data.tr_batch_size ({tr_batch_size}) must be at least model.attacks_per_step ({hp.attacks_per_step}), "
+                "since every attack takes its own part of the x_TR batch"
+            )
         for key in ("tr_weight", "retain_weight", "representation_weight", "weight_decay"):
             if hp[key] < 0:
                 problems.append(f"model.{key} must not be negative, got {hp[key]}")
@@ -242,7 +259,9 @@ class TARModule(L.LightningModule):
         pools = getattr(datamodule, "adversary_pools", None)
         if pools is None:
             raise RuntimeError("TARModule needs a datamodule with adversary_pools, such as TARDataModule")
-        problems = self.validate_arguments(set(pools), getattr(datamodule, "preference_source", None) is not None)
+        problems = self.validate_arguments(
+            set(pools), getattr(datamodule, "preference_source", None) is not None, getattr(datamodule, "tr_batch_size", None)
+        )
         if problems:
             raise ConfigError.from_problems("invalid model config", problems)
 
@@ -292,9 +311,7 @@ class TARModule(L.LightningModule):
         self._schedule_free().eval()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
-        tr_batch = self._with_reference(batch["tr"])
-        inner = self._tamper_resistance_gradient(adversary, tr_batch)
+        adversary, inner = self._simulated_attacks(self._with_reference(batch["tr"]))
         retain = self._retain_loss(batch["retain"])
         norms = self._outer_step(retain["loss"], inner.tr_grads)
         metrics = {
@@ -329,6 +346,33 @@ class TARModule(L.LightningModule):
         if self.hparams.tr_loss == "negative_cross_entropy":
             return _negative_cross_entropy_tr_loss
         return _entropy_tr_loss
+
+    def _simulated_attacks(self, tr_batch: dict) -> tuple[SampledAdversary, InnerLoopResult]:
+        """Run ``attacks_per_step`` attacks, each on its part of ``tr_batch``; average their TR gradients.
+
+        Returns the last attack's adversary, for logging, and one result whose loss lists
+        concatenate those of every attack.
+        """
+        count = self.hparams.attacks_per_step
+        if count == 1:
+            adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
+            return adversary, self._tamper_resistance_gradient(adversary, tr_batch)
+        parts = [dict(zip(tr_batch, chunk)) for chunk in zip(*(t.tensor_split(count) for t in tr_batch.values()))]
+        total = None
+        adversary_losses, tr_losses, tr_used = [], [], 0
+        for part in parts:
+            adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
+            result = self._tamper_resistance_gradient(adversary, part)
+            if total is None:
+                total = [g.clone() for g in result.tr_grads]
+            else:
+                torch._foreach_add_(total, result.tr_grads)
+            adversary_losses += result.adversary_losses
+            tr_losses += result.tr_losses
+            tr_used += result.tr_used
+        torch._foreach_div_(total, count)
+        torch._foreach_copy_(self._tr_grads, total)
+        return adversary, InnerLoopResult(self._tr_grads, adversary_losses, tr_losses, tr_used)
 
     def _tamper_resistance_gradient(self, adversary: SampledAdversary, tr_batch: dict) -> InnerLoopResult:
         """Attack a functional copy of the weights for K steps; return the weighted TR gradient."""

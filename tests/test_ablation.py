@@ -1,6 +1,7 @@
 """The ablation runner on the tiny preset: cells, seeds, shared stages, resume and the table."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tar_lightning.ablation import AblationCell, AblationConfig, render_ablation, run_ablation
+from tar_lightning.ablation import AblationCell, AblationConfig, plot_ablation, render_ablation, run_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_CONFIGS = [str(ROOT / "configs" / "wkr.yaml"), str(ROOT / "configs" / "tiny.yaml")]
@@ -40,8 +41,10 @@ def test_table_shows_mean_and_standard_error():
             "k8": {
                 "args": ["--model.inner_steps", "8"],
                 **{key: metric for key in ("forget_before", "forget_after_mean", "forget_after_worst", "retain_after_mean", "adversary_after_mean")},
+                **{f"forget_at_step_{step}": {"mean": step / 1000, "se": 0.0} for step in (16, 64, 256)},
                 "collapsed_attacks": {"mean": 1.0, "se": 0.0},
                 "fit_seconds": {"mean": 12.0, "se": 1.0},
+                "fit_cpu_seconds": {"mean": 23.0, "se": 1.0},
             }
         },
     }
@@ -49,6 +52,8 @@ def test_table_shows_mean_and_standard_error():
     table = render_ablation(summary)
 
     assert "| k8 | `--model.inner_steps 8` | 0.500 ± 0.020 |" in table
+    assert "| 0.02 / 0.06 / 0.26 |" in table
+    assert table.rstrip().endswith("| 1.0 | 23 |")
 
     summary["cells"]["k8"]["args"] = ["--model.adversaries", "[{name: a},\n {name: b}]"]
     assert "`--model.adversaries [{name: a}, {name: b}]`" in render_ablation(summary)
@@ -80,6 +85,9 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
         assert len(entry["per_seed"]) == 1
         assert 0.0 <= entry["forget_after_mean"]["mean"] <= 1.0
         assert entry["fit_seconds"]["mean"] > 0
+        assert entry["fit_cpu_seconds"]["mean"] > 0
+        # The tiny attack has 3 steps, so no durability step is reached.
+        assert math.isnan(entry["forget_at_step_16"]["mean"])
     run_dir = tmp_path / "ablate" / "no_tr" / "seed1"
     assert (run_dir / "base").is_symlink()
     assert "tr_weight: 0" in (run_dir / "config.yaml").read_text()
@@ -91,3 +99,31 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
     again = run_ablation(config)
     assert (run_dir / "fit_seconds.json").read_text() == timing
     assert again["cells"]["no_tr"]["forget_after_mean"]["mean"] == summary["cells"]["no_tr"]["forget_after_mean"]["mean"]
+
+
+def test_only_selects_cells_and_rejects_unknown_names(tmp_path):
+    cells = [AblationCell("default", share_stages=False), AblationCell("k8", ["--model.inner_steps", "8"], share_stages=False)]
+    config = AblationConfig(cells=cells, fit_configs=FIT_CONFIGS, redteam_config=str(ROOT / "configs" / "redteam" / "wkr.yaml"), only=["k8"])
+    assert [cell.name for cell in config.selected_cells()] == ["k8"]
+    assert config.validate() == []
+
+    config.only = ["k8", "k99"]
+    assert config.validate() == ["ablation.only names unknown cells ['k99']; the cells are ['default', 'k8']"]
+
+
+def test_plot_draws_compute_and_durability_panels(tmp_path):
+    def metric(value):
+        return {"mean": value, "se": 0.01}
+
+    entry = {
+        "args": [],
+        "forget_after_mean": metric(0.4),
+        "fit_seconds": metric(300.0),
+        "fit_cpu_seconds": metric(550.0),
+        **{f"forget_at_step_{step}": metric(step / 400) for step in (16, 64, 256)},
+    }
+    path = tmp_path / "ablation.png"
+
+    plot_ablation({"cells": {"default": entry}}, path)
+
+    assert path.stat().st_size > 10_000

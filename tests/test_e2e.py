@@ -58,13 +58,21 @@ def test_tiny_run_end_to_end(tmp_path):
         assert f"{stage}: {run_dir / folder} exists, skipping" in second.stderr
 
 
+# An argument checked on its own, and one checked against the data config.
+BAD_OVERRIDES = [
+    (["--model.tr_every", "99"], ["error: invalid model config", "model.tr_every"]),
+    (["--model.attacks_per_step", "999"], ["error: invalid configuration", "data.tr_batch_size", "model.attacks_per_step (999)"]),
+]
+
+
 @pytest.mark.slow
-def test_bad_override_fails_before_any_stage(tmp_path):
+@pytest.mark.parametrize("override, messages", BAD_OVERRIDES)
+def test_bad_override_fails_before_any_stage(tmp_path, override, messages):
     run_dir = tmp_path / "run"
-    result = _run(run_dir, "--model.tr_every", "99")
+    result = _run(run_dir, *override)
     assert result.returncode == 2
-    assert "error: invalid model config" in result.stderr
-    assert "model.tr_every" in result.stderr
+    for message in messages:
+        assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run_dir / "world").exists()
 

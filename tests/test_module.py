@@ -13,6 +13,7 @@ from tar_lightning.data.datamodule import TARDataModule
 from tar_lightning.data.sources import QuestionSource, TextSource
 from tar_lightning.data.world import WORLD_FILES, WorldConfig, generate_world
 from tar_lightning.models import LlamaSize, build_llama, load_causal_lm, load_tokenizer, save_model
+from tar_lightning.inner_loop import InnerLoopResult
 from tar_lightning.module import TARModule
 
 SIZE = LlamaSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -193,3 +194,46 @@ def test_lora_adversary_trains(world):
     assert module.global_step == 2
     assert "adam/lora" in module._inner_optimizers
     assert any(not torch.equal(p, before[name]) for name, p in module.model.named_parameters())
+
+
+def test_attacks_per_step_average_disjoint_parts(world):
+    module = _module(world, attacks_per_step=2)
+    module._tr_grads = [torch.zeros(3)]
+    seen = []
+
+    def fake_attack(adversary, part):
+        # The gradient of an attack is the sum of its part's input ids, so the mean is checkable.
+        seen.append(part["input_ids"].clone())
+        total = float(part["input_ids"].sum())
+        return InnerLoopResult([torch.full((3,), total)], [total], [total, total], 1)
+
+    module._tamper_resistance_gradient = fake_attack
+    tr_batch = {"input_ids": torch.arange(8).reshape(4, 2), "attention_mask": torch.ones(4, 2)}
+    _, result = module._simulated_attacks(tr_batch)
+
+    assert [part.tolist() for part in seen] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert torch.equal(result.tr_grads[0], torch.full((3,), (6.0 + 22.0) / 2))
+    assert result.tr_grads is module._tr_grads
+    assert result.adversary_losses == [6.0, 22.0]
+    assert result.tr_losses == [6.0, 6.0, 22.0, 22.0]
+    assert result.tr_used == 2
+
+
+def test_several_attacks_per_step_train(world, tmp_path):
+    trainer = _trainer_with_csv(world, tmp_path, max_steps=2)
+    module = _module(world, attacks_per_step=2)
+    trainer.fit(module, datamodule=_datamodule(world))
+
+    assert trainer.global_step == 2
+    with open(trainer.logger.experiment.metrics_file_path) as handle:
+        used = [float(row["train/tr_gradients_used"]) for row in csv.DictReader(handle) if row["train/tr_gradients_used"]]
+    # inner_steps 4 with tr_every 2 takes two TR gradients per attack, and two attacks run per step.
+    assert used == [4.0, 4.0]
+
+
+def test_attacks_per_step_beyond_tr_batch_rejected(world):
+    module = _module(world, attacks_per_step=8)
+    problems = module.validate_arguments(tr_batch_size=4)
+    assert any("data.tr_batch_size (4) must be at least model.attacks_per_step (8)" in p for p in problems)
+    with pytest.raises(ValueError, match="model.attacks_per_step must be at least 1"):
+        _module(world, attacks_per_step=0)
