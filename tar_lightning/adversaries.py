@@ -1,6 +1,7 @@
 """The distribution of simulated attackers that tamper-resistance training samples from.
 
-Each outer step draws one adversary: a kind (by weight), a learning rate, and for
+Each outer step draws one adversary: a kind (by weight), a learning rate, optionally a
+horizon (its number of inner steps K), and for
 retain-then-forget adversaries a switch step M = floor(u * K) with u ~ Beta(6, 3), as in
 "Tamper-Resistant Safeguards for Open-Weight LLMs": retain data before step M, forget data
 from M on.
@@ -29,6 +30,9 @@ class AdversaryConfig:
         retain_then_forget: Train on ``retain_source`` until a switch step drawn from
             Beta(``switch_alpha``, ``switch_beta``) times K, then on ``forget_source``.
         learning_rates: The learning rate is drawn uniformly from this list each outer step.
+        horizons: The number of inner steps is drawn uniformly from this list each outer
+            step; ``null`` uses ``model.inner_steps``. Each horizon must be at least
+            ``model.tr_every``, so that the attacked weights are scored at least once.
         optimizer: Inner optimizer: ``adamw``, ``adam`` or ``sgd_momentum``.
         schedule: ``constant``, or ``linear_warmup`` (learning rate rising linearly over the
             first ``warmup_steps`` steps, then constant).
@@ -48,6 +52,7 @@ class AdversaryConfig:
     retain_source: str = "retain"
     retain_then_forget: bool = False
     learning_rates: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 2e-3])
+    horizons: list[int] | None = None
     optimizer: InnerOptimizerName = "adamw"
     schedule: Literal["constant", "linear_warmup"] = "constant"
     warmup_steps: int = 0
@@ -71,6 +76,8 @@ class AdversaryConfig:
             problems.append(f"{key}.weight must be positive, got {self.weight}")
         if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
             problems.append(f"{key}.learning_rates must be a non-empty list of positive numbers, got {self.learning_rates}")
+        if self.horizons is not None and (not self.horizons or any(k < 1 for k in self.horizons)):
+            problems.append(f"{key}.horizons must be null or a non-empty list of positive step counts, got {self.horizons}")
         if self.batch_size < 1:
             problems.append(f"{key}.batch_size must be at least 1, got {self.batch_size}")
         if self.schedule == "linear_warmup" and self.warmup_steps < 1:
@@ -98,12 +105,14 @@ class SampledAdversary:
         config: The adversary kind.
         learning_rate: Peak learning rate drawn from ``config.learning_rates``.
         switch_step: First step on forget data for retain-then-forget adversaries, else 0.
+        steps: K, the number of inner steps of this attack.
     """
 
     index: int
     config: AdversaryConfig
     learning_rate: float
     switch_step: int
+    steps: int
 
     def source_at(self, step: int) -> str:
         """Data source of 0-based inner step ``step``."""
@@ -124,15 +133,20 @@ def sample_switch_step(inner_steps: int, alpha: float, beta: float, rng: np.rand
 
 
 def sample_adversary(adversaries: list[AdversaryConfig], inner_steps: int, rng: np.random.Generator) -> SampledAdversary:
-    """Draw an adversary kind by weight, then its learning rate and switch step."""
+    """Draw an adversary kind by weight, then its learning rate, horizon and switch step.
+
+    ``inner_steps`` is the horizon of adversaries without ``horizons``.
+    """
     weights = np.array([a.weight for a in adversaries], dtype=float)
     index = int(rng.choice(len(adversaries), p=weights / weights.sum()))
     config = adversaries[index]
     learning_rate = float(rng.choice(config.learning_rates))
+    # Drawn only when listed, so runs without horizons keep their random stream.
+    steps = int(rng.choice(config.horizons)) if config.horizons else inner_steps
     switch_step = 0
     if config.retain_then_forget:
-        switch_step = sample_switch_step(inner_steps, config.switch_alpha, config.switch_beta, rng)
-    return SampledAdversary(index, config, learning_rate, switch_step)
+        switch_step = sample_switch_step(steps, config.switch_alpha, config.switch_beta, rng)
+    return SampledAdversary(index, config, learning_rate, switch_step, steps)
 
 
 def default_adversaries() -> list[AdversaryConfig]:

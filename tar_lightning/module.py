@@ -174,7 +174,8 @@ class TARModule(L.LightningModule):
         problems = self.validate_arguments()
         if problems:
             raise ConfigError.from_problems("invalid model config", problems)
-        self.tr_weights = tr_step_weights(inner_steps, tr_every, step_weighting)
+        # Weights of the TR losses, keyed by horizon K; adversaries with horizons add theirs.
+        self.tr_weights = {inner_steps: tr_step_weights(inner_steps, tr_every, step_weighting)}
         self.rng = np.random.default_rng(seed)
         self.batch_generator = torch.Generator().manual_seed(seed)
         self.model = None
@@ -236,6 +237,13 @@ class TARModule(L.LightningModule):
             problems.append(f"model.meta_grad_clip must be positive or null, got {hp.meta_grad_clip}")
         for i, adversary in enumerate(self.adversaries):
             problems += adversary.validate(f"model.adversaries[{i}]", sources)
+            shortest = min(adversary.horizons or [hp.inner_steps])
+            if adversary.horizons and shortest < hp.tr_every:
+                problems.append(f"model.adversaries[{i}].horizons must each be at least model.tr_every={hp.tr_every}, got {adversary.horizons}")
+            if hp.meta_gradient == "exact" and hp.meta_truncation is not None and adversary.horizons and shortest < hp.meta_truncation:
+                problems.append(
+                    f"model.adversaries[{i}].horizons must each be at least model.meta_truncation={hp.meta_truncation}, got {adversary.horizons}"
+                )
         if hp.tr_loss == "dpo" and has_preferences is False:
             problems.append("model.tr_loss dpo needs preference pairs: set data.preferences instead of data.tamper_resistance")
         if hp.tr_loss != "dpo" and has_preferences:
@@ -326,6 +334,7 @@ class TARModule(L.LightningModule):
             "inner/adversary_lr": adversary.learning_rate,
             "inner/adversary_index": float(adversary.index),
             "inner/switch_step": float(adversary.switch_step),
+            "inner/steps": float(adversary.steps),
             **norms,
         }
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -377,7 +386,7 @@ class TARModule(L.LightningModule):
     def _tamper_resistance_gradient(self, adversary: SampledAdversary, tr_batch: dict) -> InnerLoopResult:
         """Attack a functional copy of the weights for K steps; return the weighted TR gradient."""
         pools = self.trainer.datamodule.adversary_pools
-        steps = range(self.hparams.inner_steps)
+        steps = range(adversary.steps)
         batches = []
         for k in steps:
             sample = pools[adversary.source_at(k)].sample(adversary.config.batch_size, self.batch_generator)
@@ -390,7 +399,7 @@ class TARModule(L.LightningModule):
             self._inner_optimizers[key] = InnerOptimizer(adversary.config.optimizer, eps=self.hparams.inner_eps)
         learning_rates = [adversary.learning_rate_at(k) for k in steps]
         attack = (self.model, self._copy_weights(), batches, learning_rates, self._inner_optimizers[key])
-        tamper_resistance = (tr_batch, self._tr_loss_fn(), self.tr_weights)
+        tamper_resistance = (tr_batch, self._tr_loss_fn(), self._tr_weights_for(adversary.steps))
         if low_rank is not None:
             return run_inner_loop(*attack, *tamper_resistance, floor, self._tr_grads, low_rank, self.batch_generator)
         if self.hparams.meta_gradient == "exact":
@@ -400,6 +409,11 @@ class TARModule(L.LightningModule):
             result.tr_grads = self._tr_grads
             return result
         return run_inner_loop(*attack, *tamper_resistance, floor, self._tr_grads)
+
+    def _tr_weights_for(self, steps: int) -> dict[int, float]:
+        if steps not in self.tr_weights:
+            self.tr_weights[steps] = tr_step_weights(steps, self.hparams.tr_every, self.hparams.step_weighting)
+        return self.tr_weights[steps]
 
     def _copy_weights(self) -> dict[str, torch.Tensor]:
         """Functional copies of the current weights, written into the buffers of the last step."""

@@ -89,23 +89,34 @@ def test_switch_step_only_when_switching():
     assert all(0 <= step < 16 for step in switching_steps)
 
 
+def test_horizons_drawn_per_adversary():
+    rng = np.random.default_rng(0)
+    sampled = [sample_adversary([AdversaryConfig(retain_then_forget=True, horizons=[4, 32])], 16, rng) for _ in range(200)]
+    fixed = sample_adversary([AdversaryConfig()], 16, rng)
+
+    assert {adversary.steps for adversary in sampled} == {4, 32}
+    assert all(adversary.switch_step < adversary.steps for adversary in sampled)
+    assert max(adversary.switch_step for adversary in sampled) >= 16
+    assert fixed.steps == 16
+
+
 def test_source_at_switches_from_retain_to_forget():
     config = AdversaryConfig(forget_source="forget_a", retain_source="retain", retain_then_forget=True)
-    adversary = SampledAdversary(index=0, config=config, learning_rate=1e-3, switch_step=5)
+    adversary = SampledAdversary(index=0, config=config, learning_rate=1e-3, switch_step=5, steps=8)
 
     assert [adversary.source_at(step) for step in range(8)] == ["retain"] * 5 + ["forget_a"] * 3
 
 
 def test_source_at_without_switch_is_forget():
     config = AdversaryConfig(forget_source="forget_b", retain_then_forget=False)
-    adversary = SampledAdversary(index=0, config=config, learning_rate=1e-3, switch_step=5)
+    adversary = SampledAdversary(index=0, config=config, learning_rate=1e-3, switch_step=5, steps=8)
 
     assert {adversary.source_at(step) for step in range(8)} == {"forget_b"}
 
 
 def test_learning_rate_at_linear_warmup():
     config = AdversaryConfig(schedule="linear_warmup", warmup_steps=4)
-    adversary = SampledAdversary(index=0, config=config, learning_rate=0.1, switch_step=0)
+    adversary = SampledAdversary(index=0, config=config, learning_rate=0.1, switch_step=0, steps=8)
 
     rates = [adversary.learning_rate_at(step) for step in range(7)]
 
@@ -114,7 +125,7 @@ def test_learning_rate_at_linear_warmup():
 
 def test_learning_rate_at_constant():
     config = AdversaryConfig(schedule="constant", warmup_steps=4)
-    adversary = SampledAdversary(index=0, config=config, learning_rate=0.1, switch_step=0)
+    adversary = SampledAdversary(index=0, config=config, learning_rate=0.1, switch_step=0, steps=8)
 
     assert [adversary.learning_rate_at(step) for step in range(5)] == [0.1] * 5
 
@@ -149,6 +160,8 @@ def test_validate_retain_source_only_when_switching():
         ({"schedule": "linear_warmup", "warmup_steps": 0}, "adv.warmup_steps"),
         ({"switch_alpha": 0.0}, "adv.switch_alpha"),
         ({"switch_beta": -1.0}, "switch_beta"),
+        ({"horizons": []}, "adv.horizons"),
+        ({"horizons": [16, 0]}, "adv.horizons"),
     ],
 )
 def test_validate_bad_value(changes, field):

@@ -37,7 +37,7 @@ def test_run_dir_override_propagates():
 def test_model_override_reaches_module():
     cli = _parse("--model.inner_steps", "8", "--model.tr_every", "2")
     assert cli.model.hparams.inner_steps == 8
-    assert sorted(cli.model.tr_weights) == [1, 3, 5, 7]
+    assert sorted(cli.model.tr_weights[8]) == [1, 3, 5, 7]
 
 
 def test_unknown_key_is_rejected(capsys):

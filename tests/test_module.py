@@ -237,3 +237,22 @@ def test_attacks_per_step_beyond_tr_batch_rejected(world):
     assert any("data.tr_batch_size (4) must be at least model.attacks_per_step (8)" in p for p in problems)
     with pytest.raises(ValueError, match="model.attacks_per_step must be at least 1"):
         _module(world, attacks_per_step=0)
+
+
+def test_sampled_horizons_train(world, tmp_path):
+    trainer = _trainer_with_csv(world, tmp_path, max_steps=6)
+    adversary = AdversaryConfig(name="a", forget_source="forget_a", batch_size=4, horizons=[2, 6])
+    module = _module(world, adversaries=[adversary])
+    trainer.fit(module, datamodule=_datamodule(world))
+
+    with open(trainer.logger.experiment.metrics_file_path) as handle:
+        steps = {float(row["inner/steps"]) for row in csv.DictReader(handle) if row["inner/steps"]}
+    assert steps == {2.0, 6.0}
+    assert sorted(module.tr_weights) == [2, 4, 6]
+    assert sorted(module.tr_weights[6]) == [1, 3, 5]
+
+
+def test_horizon_shorter_than_tr_every_rejected(world):
+    adversary = AdversaryConfig(name="a", forget_source="forget_a", horizons=[1, 8])
+    with pytest.raises(ValueError, match=r"model.adversaries\[0\].horizons must each be at least model.tr_every=2"):
+        _module(world, adversaries=[adversary])
