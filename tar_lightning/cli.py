@@ -168,12 +168,16 @@ class AblationArguments:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
-def ablate(args: list[str]) -> dict:
-    """Parse ``args`` of ``tar-lightning ablate`` and run the ablation."""
+def parse_ablation(args: list[str]) -> AblationConfig:
+    """Parse ``args`` of ``tar-lightning ablate`` into its config."""
     description = "Train TAR under several settings and seeds and red-team each run."
     parser = _subcommand_parser("ablate", description, AblationArguments)
-    config: AblationConfig = parser.instantiate(parser.parse_args(args)).ablation
-    return run_ablation(config)
+    return parser.instantiate(parser.parse_args(args)).ablation
+
+
+def ablate(args: list[str]) -> dict:
+    """Parse ``args`` of ``tar-lightning ablate`` and run the ablation."""
+    return run_ablation(parse_ablation(args))
 
 
 def main(args: list[str] | None = None) -> None:

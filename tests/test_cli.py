@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tar_lightning.cli import make_cli
+from tar_lightning.cli import make_cli, parse_ablation
 from tar_lightning.module import TARModule
 from tar_lightning.pipeline import PipelineConfig
 
@@ -90,3 +90,13 @@ def test_hrr_pipeline_problems_name_dotted_keys():
     problems = "\n".join(config.validate())
     assert "pipeline.hrr.world.eval_compounds" in problems
     assert "pipeline.hrr.evaluation.attacks[0]" in problems
+
+
+ABLATION = parse_ablation(["--config", str(CONFIGS / "ablate" / "wkr.yaml")])
+
+
+@pytest.mark.parametrize("cell", ABLATION.cells, ids=lambda cell: cell.name)
+def test_ablation_cell_overrides_parse(cell):
+    cli = make_cli(["--config", str(MAIN_CONFIG), *cell.args], run=False)
+    assert isinstance(cli.model, TARModule)
+    assert cli.model.validate_arguments(set(cli.datamodule.adversary_sources), False, cli.datamodule.tr_batch_size) == []
