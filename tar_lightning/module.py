@@ -183,6 +183,8 @@ class TARModule(L.LightningModule):
         # Buffers of the inner loop, allocated on the first outer step and reused after it.
         self._inner_params: dict[str, torch.Tensor] | None = None
         self._tr_grads: list[torch.Tensor] | None = None
+        # Sum of the TR gradients of several attacks per step; unused with one attack.
+        self._tr_grads_sum: list[torch.Tensor] | None = None
         self._inner_optimizers: dict[str, InnerOptimizer] = {}
         # DPO reference log-probabilities of every x_TR pair, (pairs, 2): computed from the
         # starting weights before the first outer step, or restored from a checkpoint.
@@ -367,20 +369,22 @@ class TARModule(L.LightningModule):
             adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
             return adversary, self._tamper_resistance_gradient(adversary, tr_batch)
         parts = [dict(zip(tr_batch, chunk)) for chunk in zip(*(t.tensor_split(count) for t in tr_batch.values()))]
-        total = None
         adversary_losses, tr_losses, tr_used = [], [], 0
-        for part in parts:
+        for index, part in enumerate(parts):
             adversary = sample_adversary(self.adversaries, self.hparams.inner_steps, self.rng)
             result = self._tamper_resistance_gradient(adversary, part)
-            if total is None:
-                total = [g.clone() for g in result.tr_grads]
+            # Each attack refills the step's gradient buffer, so the sum lives in a second one.
+            if self._tr_grads_sum is None:
+                self._tr_grads_sum = [torch.empty_like(g) for g in result.tr_grads]
+            if index == 0:
+                torch._foreach_copy_(self._tr_grads_sum, result.tr_grads)
             else:
-                torch._foreach_add_(total, result.tr_grads)
+                torch._foreach_add_(self._tr_grads_sum, result.tr_grads)
             adversary_losses += result.adversary_losses
             tr_losses += result.tr_losses
             tr_used += result.tr_used
-        torch._foreach_div_(total, count)
-        torch._foreach_copy_(self._tr_grads, total)
+        torch._foreach_div_(self._tr_grads_sum, count)
+        torch._foreach_copy_(self._tr_grads, self._tr_grads_sum)
         return adversary, InnerLoopResult(self._tr_grads, adversary_losses, tr_losses, tr_used)
 
     def _tamper_resistance_gradient(self, adversary: SampledAdversary, tr_batch: dict) -> InnerLoopResult:

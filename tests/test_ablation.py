@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tar_lightning.ablation import AblationCell, AblationConfig, plot_ablation, render_ablation, run_ablation
+from tar_lightning.ablation import _durability, AblationCell, AblationConfig, plot_ablation, render_ablation, run_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_CONFIGS = [str(ROOT / "configs" / "wkr.yaml"), str(ROOT / "configs" / "tiny.yaml")]
@@ -127,3 +127,14 @@ def test_plot_draws_compute_and_durability_panels(tmp_path):
     plot_ablation({"cells": {"default": entry}}, path)
 
     assert path.stat().st_size > 10_000
+
+
+def test_durability_averages_attacks_reaching_step():
+    long_attack = {"curve": {"steps": [16, 64, 256], "mean": [0.3, 0.4, 0.6]}}
+    short_attack = {"curve": {"steps": [16, 64], "mean": [0.5, 0.2]}}
+
+    durability = _durability([long_attack, short_attack])
+
+    assert durability["forget_at_step_16"] == pytest.approx(0.4)
+    assert durability["forget_at_step_64"] == pytest.approx(0.3)
+    assert durability["forget_at_step_256"] == pytest.approx(0.6)
