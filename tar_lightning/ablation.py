@@ -66,6 +66,9 @@ class AblationConfig:
         held_out_only: Score with the suite's held-out attacks only.
         only: Names of the cells to run and tabulate; ``null`` runs them all. Separate
             commands, each with its own cells, can share one ``output_dir``.
+        references: Models of ``source_run`` red-teamed with the same attacks and seeds as
+            the cells, after them, for reference rows (the safeguard a cell starts from, the
+            base model before any safeguard); ``[]`` skips them.
     """
 
     cells: list[AblationCell] = field(default_factory=list)
@@ -77,6 +80,7 @@ class AblationConfig:
     output_dir: str = "checkpoints/ablate/wkr"
     held_out_only: bool = True
     only: list[str] | None = None
+    references: list[str] = field(default_factory=lambda: ["base", "safeguard"])
 
     def selected_cells(self) -> list[AblationCell]:
         return [cell for cell in self.cells if self.only is None or cell.name in self.only]
@@ -96,12 +100,13 @@ class AblationConfig:
         for path in [*self.fit_configs, self.redteam_config]:
             if not Path(path).is_file():
                 problems.append(f"ablation: config file {path} not found")
-        if any(cell.share_stages for cell in self.selected_cells()):
-            missing = [stage for stage in SHARED_STAGES if not (Path(self.source_run) / stage).exists()]
+        if any(cell.share_stages for cell in self.selected_cells()) or self.references:
+            needed = dict.fromkeys([*SHARED_STAGES, *self.references])
+            missing = [stage for stage in needed if not (Path(self.source_run) / stage).exists()]
             if missing:
                 problems.append(
-                    f"ablation.source_run {self.source_run} lacks {missing}; run `make train OBJECTIVE=wkr` first "
-                    "or set share_stages: false"
+                    f"ablation.source_run {self.source_run} lacks {missing}; run `make train OBJECTIVE=wkr` first, "
+                    "or set share_stages: false on every cell and references: []"
                 )
         return problems
 
@@ -159,18 +164,41 @@ def run_cell(config: AblationConfig, cell: AblationCell, seed: int) -> dict:
 
     report = json.loads((run_dir / "redteam" / "report.json").read_text())["models"]["tar"]
     times = json.loads(timing.read_text()) if timing.is_file() else {}
+    return {
+        **_scores(report, config.held_out_only),
+        "fit_seconds": times.get("fit_seconds", float("nan")),
+        "fit_cpu_seconds": times.get("fit_cpu_seconds", float("nan")),
+    }
+
+
+def run_references(config: AblationConfig) -> dict[str, dict]:
+    """Red-team the ``references`` models of the source run with the cells' attacks and seeds."""
+    if not config.references:
+        return {}
+    out = Path(config.output_dir) / "reference"
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = ",".join(str(Path(config.source_run) / name) for name in config.references)
+    redteam = [sys.executable, "-m", "tar_lightning.cli", "redteam", "--config", config.redteam_config, "--run_dir", config.source_run]
+    redteam += ["--redteam.checkpoints", f"[{checkpoints}]", "--redteam.output_dir", str(out), "--redteam.extend_report", "null"]
+    redteam += ["--redteam.held_out_only", str(config.held_out_only).lower(), *config.redteam_args]
+    log.info("ablation: reference models %s", config.references)
+    _run(redteam, out / "ablation.log")
+    models = json.loads((out / "report.json").read_text())["models"]
+    return {name: _scores(models[name], config.held_out_only) for name in config.references}
+
+
+def _scores(report: dict, held_out_only: bool) -> dict[str, float]:
+    """Compute the table's metrics from one model's section of a red-team report."""
     after = report["attacks"].values()
     return {
         **_durability(after),
         "forget_before": report["before"]["forget_acc"],
         "retain_before": report["before"]["retain_acc"],
-        "forget_after_mean": report["held_out_mean"] if config.held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
+        "forget_after_mean": report["held_out_mean"] if held_out_only else float(np.mean([a["forget_acc"]["mean"] for a in after])),
         "forget_after_worst": report["worst_attack"]["value"],
         "retain_after_mean": float(np.mean([a["retain_acc"]["mean"] for a in after])),
         "adversary_after_mean": float(np.mean([a["adversary_acc"]["mean"] for a in after if "adversary_acc" in a])),
         "collapsed_attacks": len(report["collapsed_attacks"]),
-        "fit_seconds": times.get("fit_seconds", float("nan")),
-        "fit_cpu_seconds": times.get("fit_cpu_seconds", float("nan")),
     }
 
 
@@ -209,6 +237,8 @@ def run_ablation(config: AblationConfig) -> dict:
         metrics = {key: _mean_se([run[key] for run in runs]) for key in runs[0]}
         summary["cells"][cell.name] = {"args": cell.args, "per_seed": runs, **metrics}
         (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["references"] = run_references(config)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ablation.md").write_text(render_ablation(summary))
     plot_ablation(summary, out / "ablation.png")
     return summary
@@ -239,6 +269,13 @@ def render_ablation(summary: dict) -> str:
             f"{cell(entry['forget_after_worst'])} | {durability} | {cell(entry['retain_after_mean'])} | "
             f"{cell(entry['adversary_after_mean'])} | {entry['collapsed_attacks']['mean']:.1f} | {_compute(entry)['mean']:.0f} |"
         )
+    for name, scores in summary.get("references", {}).items():
+        durability = " / ".join(f"{scores[f'forget_at_step_{step}']:.2f}" for step in DURABILITY_STEPS)
+        lines.append(
+            f"| {name} | (reference: source run, no TAR) | {scores['forget_before']:.3f} | {scores['forget_after_mean']:.3f} | "
+            f"{scores['forget_after_worst']:.3f} | {durability} | {scores['retain_after_mean']:.3f} | "
+            f"{scores['adversary_after_mean']:.3f} | {scores['collapsed_attacks']} | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +304,12 @@ def plot_ablation(summary: dict, path: Path) -> None:
         if not all(math.isnan(value) for value in curve):
             right.plot(DURABILITY_STEPS, curve, marker="o", color=color, label=name)
             has_curve = True
+    for index, (name, scores) in enumerate(summary.get("references", {}).items()):
+        style = {"color": "gray", "linestyle": ("--", "-.", ":")[index % 3], "linewidth": 1}
+        left.axhline(scores["forget_after_mean"], label=f"{name} (reference)", **style)
+        right.plot(DURABILITY_STEPS, [scores[f"forget_at_step_{step}"] for step in DURABILITY_STEPS], label=f"{name} (reference)", **style)
+    if summary.get("references"):
+        left.legend(fontsize=7)
     for ax in (left, right):
         ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
         ax.set_ylim(0, 1)

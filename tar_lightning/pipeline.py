@@ -103,7 +103,8 @@ class PipelineConfig:
     Args:
         objective: ``wkr`` (knowledge restriction) or ``hrr`` (harmful request refusal). It
             picks the world's extra data, the initial safeguard and the evaluation; the
-            TAR loss is set separately by ``model.tr_loss`` (``entropy`` or ``dpo``).
+            TAR loss is set separately by ``model.tr_loss`` (``entropy``, ``negative_cross_entropy``
+            or ``dpo``).
         run_dir: Folder of every output: world, models, checkpoints, logs, report.
         resume: Continue tamper-resistance training from the last Lightning checkpoint when
             one exists and no ``ckpt_path`` is given.
@@ -162,16 +163,18 @@ class PipelineConfig:
         return problems
 
 
-# The tamper-resistance loss each objective is built for.
-OBJECTIVE_TR_LOSS = {"wkr": "entropy", "hrr": "dpo"}
+# The tamper-resistance losses each objective's data supports. Knowledge restriction scores
+# forget text by entropy, or by the negative cross-entropy kept for comparison. Refusal
+# scores preference pairs.
+OBJECTIVE_TR_LOSSES = {"wkr": ("entropy", "negative_cross_entropy"), "hrr": ("dpo",)}
 
 
 def objective_problems(config: PipelineConfig, tr_loss: str) -> list[str]:
     """Return a problem when ``model.tr_loss`` does not fit ``pipeline.objective``."""
-    expected = OBJECTIVE_TR_LOSS[config.objective]
-    if tr_loss == expected:
+    allowed = OBJECTIVE_TR_LOSSES[config.objective]
+    if tr_loss in allowed:
         return []
-    return [f"model.tr_loss must be {expected!r} with pipeline.objective {config.objective!r}, got {tr_loss!r}"]
+    return [f"model.tr_loss must be one of {list(allowed)} with pipeline.objective {config.objective!r}, got {tr_loss!r}"]
 
 
 # Corpora of the built-in world that attacks can train on, by name.

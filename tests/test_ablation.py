@@ -93,6 +93,10 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
     assert "tr_weight: 0" in (run_dir / "config.yaml").read_text()
     for name in ("ablation.json", "ablation.md", "ablation.png"):
         assert (tmp_path / "ablate" / name).is_file()
+    # The source run's base and safeguard models face the same attack, for reference rows.
+    assert list(summary["references"]) == ["base", "safeguard"]
+    assert summary["references"]["base"]["forget_before"] > summary["references"]["safeguard"]["forget_before"]
+    assert "| safeguard | (reference: source run, no TAR) |" in (tmp_path / "ablate" / "ablation.md").read_text()
 
     # A second run reuses every trained model and cached red-team result.
     timing = (run_dir / "fit_seconds.json").read_text()
@@ -101,9 +105,55 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
     assert again["cells"]["no_tr"]["forget_after_mean"]["mean"] == summary["cells"]["no_tr"]["forget_after_mean"]["mean"]
 
 
+def test_references_need_source_run(tmp_path):
+    config = AblationConfig(
+        cells=[AblationCell("k8", ["--model.inner_steps", "8"], share_stages=False)],
+        fit_configs=FIT_CONFIGS,
+        redteam_config=str(ROOT / "configs" / "redteam" / "wkr.yaml"),
+        source_run=str(tmp_path / "missing_run"),
+    )
+    assert config.validate() == [
+        f"ablation.source_run {tmp_path / 'missing_run'} lacks ['world', 'base', 'safeguard']; run `make train "
+        "OBJECTIVE=wkr` first, or set share_stages: false on every cell and references: []"
+    ]
+
+    config.references = []
+    assert config.validate() == []
+
+
+def test_table_and_plot_show_reference_models(tmp_path):
+    def metric(value):
+        return {"mean": value, "se": 0.01}
+
+    scores = {
+        "forget_before": 0.355, "forget_after_mean": 0.517, "forget_after_worst": 0.697, "retain_after_mean": 0.904,
+        "adversary_after_mean": 0.676, "collapsed_attacks": 0, "forget_at_step_16": 0.34, "forget_at_step_64": 0.47,
+        "forget_at_step_256": 0.62,
+    }
+    entry = {
+        "args": [],
+        **{key: metric(0.4) for key in ("forget_before", "forget_after_mean", "forget_after_worst", "retain_after_mean", "adversary_after_mean")},
+        **{f"forget_at_step_{step}": metric(step / 400) for step in (16, 64, 256)},
+        "collapsed_attacks": metric(0.0),
+        "fit_seconds": metric(300.0),
+        "fit_cpu_seconds": metric(550.0),
+    }
+    summary = {"seeds": [0], "held_out_only": True, "cells": {"default": entry}, "references": {"safeguard": scores}}
+
+    table = render_ablation(summary)
+    plot_ablation(summary, tmp_path / "ablation.png")
+
+    assert table.rstrip().splitlines()[-1] == (
+        "| safeguard | (reference: source run, no TAR) | 0.355 | 0.517 | 0.697 | 0.34 / 0.47 / 0.62 | 0.904 | 0.676 | 0 | |"
+    )
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
 def test_only_selects_cells_and_rejects_unknown_names(tmp_path):
     cells = [AblationCell("default", share_stages=False), AblationCell("k8", ["--model.inner_steps", "8"], share_stages=False)]
-    config = AblationConfig(cells=cells, fit_configs=FIT_CONFIGS, redteam_config=str(ROOT / "configs" / "redteam" / "wkr.yaml"), only=["k8"])
+    config = AblationConfig(
+        cells=cells, fit_configs=FIT_CONFIGS, redteam_config=str(ROOT / "configs" / "redteam" / "wkr.yaml"), only=["k8"], references=[]
+    )
     assert [cell.name for cell in config.selected_cells()] == ["k8"]
     assert config.validate() == []
 

@@ -96,7 +96,14 @@ ABLATION = parse_ablation(["--config", str(CONFIGS / "ablate" / "wkr.yaml")])
 
 
 @pytest.mark.parametrize("cell", ABLATION.cells, ids=lambda cell: cell.name)
-def test_ablation_cell_overrides_parse(cell):
+def test_ablation_cell_overrides_validate(cell):
     cli = make_cli(["--config", str(MAIN_CONFIG), *cell.args], run=False)
     assert isinstance(cli.model, TARModule)
-    assert cli.model.validate_arguments(set(cli.datamodule.adversary_sources), False, cli.datamodule.tr_batch_size) == []
+    # The same checks `fit` runs before any stage, so a cell cannot fail on its first step.
+    cli._validate(cli._pipeline())
+
+
+def test_tr_loss_must_fit_objective():
+    cli = make_cli(["--config", str(CONFIGS / "hrr.yaml"), "--model.tr_loss", "entropy"], run=False)
+    with pytest.raises(ValueError, match=r"model.tr_loss must be one of \['dpo'\] with pipeline.objective 'hrr', got 'entropy'"):
+        cli._validate(cli._pipeline())
