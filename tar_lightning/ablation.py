@@ -287,19 +287,22 @@ def _compute(entry: dict) -> dict[str, float]:
 
 def plot_ablation(summary: dict, path: Path) -> None:
     """Left: post-attack forget accuracy against training compute, one point per cell with
-    error bars. Right: the durability curve of each cell, forget accuracy against attack step."""
+    error bars. Middle: the same against the attacker's accuracy on its own training facts,
+    so that resistance bought by making the model hard to fine-tune at all shows. Right: the
+    durability curve of each cell, forget accuracy against attack step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8))
     has_curve = False
     for index, (name, entry) in enumerate(summary["cells"].items()):
         color = f"C{index % 10}"
-        x, y = _compute(entry), entry["forget_after_mean"]
-        left.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["se"]), yerr=np.nan_to_num(y["se"]), fmt="o", capsize=3, color=color)
-        left.annotate(name, (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        y = entry["forget_after_mean"]
+        for ax, x in ((left, _compute(entry)), (middle, entry["adversary_after_mean"])):
+            ax.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["se"]), yerr=np.nan_to_num(y["se"]), fmt="o", capsize=3, color=color)
+            ax.annotate(name, (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         curve = [entry[f"forget_at_step_{step}"]["mean"] for step in DURABILITY_STEPS]
         if not all(math.isnan(value) for value in curve):
             right.plot(DURABILITY_STEPS, curve, marker="o", color=color, label=name)
@@ -307,10 +310,15 @@ def plot_ablation(summary: dict, path: Path) -> None:
     for index, (name, scores) in enumerate(summary.get("references", {}).items()):
         style = {"color": "gray", "linestyle": ("--", "-.", ":")[index % 3], "linewidth": 1}
         left.axhline(scores["forget_after_mean"], label=f"{name} (reference)", **style)
+        middle.plot(scores["adversary_after_mean"], scores["forget_after_mean"], marker="s", color="gray")
+        middle.annotate(f"{name} (reference)", (scores["adversary_after_mean"], scores["forget_after_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         right.plot(DURABILITY_STEPS, [scores[f"forget_at_step_{step}"] for step in DURABILITY_STEPS], label=f"{name} (reference)", **style)
     if summary.get("references"):
         left.legend(fontsize=7)
-    for ax in (left, right):
+    middle.set_xlim(0, 1)
+    middle.set_xlabel("attacker's accuracy on its own training facts, mean")
+    middle.set_ylabel("forget accuracy after attack, mean")
+    for ax in (left, middle, right):
         ax.axhline(0.25, color="black", linestyle=":", linewidth=1)
         ax.set_ylim(0, 1)
     left.set_xlabel("TAR training CPU seconds")

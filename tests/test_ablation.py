@@ -168,6 +168,7 @@ def test_plot_draws_compute_and_durability_panels(tmp_path):
     entry = {
         "args": [],
         "forget_after_mean": metric(0.4),
+        "adversary_after_mean": metric(0.5),
         "fit_seconds": metric(300.0),
         "fit_cpu_seconds": metric(550.0),
         **{f"forget_at_step_{step}": metric(step / 400) for step in (16, 64, 256)},
