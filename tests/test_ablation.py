@@ -95,7 +95,9 @@ def test_tiny_ablation_runs_cells_and_resumes(tmp_path):
         assert (tmp_path / "ablate" / name).is_file()
     # The source run's base and safeguard models face the same attack, for reference rows.
     assert list(summary["references"]) == ["base", "safeguard"]
-    assert summary["references"]["base"]["forget_before"] > summary["references"]["safeguard"]["forget_before"]
+    reference_report = json.loads((tmp_path / "ablate" / "reference" / "report.json").read_text())["models"]
+    assert sorted(reference_report) == ["base", "safeguard"]
+    assert summary["references"]["safeguard"]["forget_before"] == reference_report["safeguard"]["before"]["forget_acc"]
     assert "| safeguard | (reference: source run, no TAR) |" in (tmp_path / "ablate" / "ablation.md").read_text()
 
     # A second run reuses every trained model and cached red-team result.

@@ -116,5 +116,5 @@ def test_hrr_objective_with_entropy_loss_fails(tmp_path):
     run_dir = tmp_path / "run"
     result = _run(run_dir, "--model.tr_loss", "entropy", command=HRR_COMMAND)
     assert result.returncode == 2
-    assert "model.tr_loss must be 'dpo'" in result.stderr
+    assert "model.tr_loss must be one of ['dpo'] with pipeline.objective 'hrr'" in result.stderr
     assert not (run_dir / "world").exists()
