@@ -66,9 +66,9 @@ class AblationConfig:
         held_out_only: Score with the suite's held-out attacks only.
         only: Names of the cells to run and tabulate; ``null`` runs them all. Separate
             commands, each with its own cells, can share one ``output_dir``.
-        references: Models of ``source_run`` red-teamed with the same attacks and seeds as
-            the cells, after them, for reference rows (the safeguard a cell starts from, the
-            base model before any safeguard); ``[]`` skips them.
+        references: Models of ``source_run`` red-teamed after the cells, with their attacks and
+            seeds, for reference rows: the safeguard a cell starts from, and the base model
+            before any safeguard. ``[]`` skips them.
     """
 
     cells: list[AblationCell] = field(default_factory=list)
@@ -288,7 +288,7 @@ def _compute(entry: dict) -> dict[str, float]:
 def plot_ablation(summary: dict, path: Path) -> None:
     """Left: post-attack forget accuracy against training compute, one point per cell with
     error bars. Middle: the same against the attacker's accuracy on its own training facts,
-    so that resistance bought by making the model hard to fine-tune at all shows. Right: the
+    which shows resistance that comes from damage to fine-tuning in general. Right: the
     durability curve of each cell, forget accuracy against attack step."""
     import matplotlib
 
